@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create/update the project's virtual environment, idempotently.
+#   bash launch/bootstrap.sh            # .venv in the repository root
+#   FEALLM_VENV=/path/venv bash launch/bootstrap.sh
+# A second run with unchanged setup files is a no-op (a stamp holds their hash).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="${FEALLM_VENV:-$root/.venv}"
+python="${PYTHON:-python3.11}"
+command -v "$python" >/dev/null 2>&1 || python=python3
+extras="${FEALLM_EXTRAS:-test,serve}"
+
+stamp_of() {
+  cat setup.cfg setup.py pyproject.toml launch/bootstrap.sh feallm_llava_autoload.pth | sha256sum | cut -c1-16
+  echo "$extras"
+}
+want="$(stamp_of | tr '\n' ' ')"
+if [ -f "$venv/.feallm-bootstrap" ] && [ "$(cat "$venv/.feallm-bootstrap")" = "$want" ]; then
+  echo "[bootstrap] $venv is up to date"
+  exit 0
+fi
+
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip="$venv/bin/python -m pip"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+echo "[bootstrap] installing into $venv (first run: several minutes)"
+# torch first and pinned: a looser requirement pulled in later would fetch a CUDA build.
+$pip install -q "torch==2.13.0"
+# deepspeed builds against the installed torch; no CUDA ops here (DS_BUILD_OPS=0).
+DS_BUILD_OPS=0 $pip install -q --no-build-isolation "deepspeed==0.19.8"
+# upstream LLaVA without its 2023 pins (torch 2.0 / transformers 4.36); compat.py mends it.
+$pip install -q --no-deps "llava-torch==1.2.2.post1"
+$pip install -q --no-build-isolation -e ".[${extras}]"
+# Editable installs do not run build_py, so place the autoload hook by hand.
+purelib="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+cp feallm_llava_autoload.pth "$purelib/"
+echo "$want" > "$venv/.feallm-bootstrap"
+echo "[bootstrap] done"
