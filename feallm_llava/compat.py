@@ -131,6 +131,30 @@ def _needs_train_sampler() -> bool:
     return len(inspect.signature(Trainer._get_train_sampler).parameters) > 1
 
 
+# -- LLaVATrainer._save_checkpoint passes `metrics`, which Trainer no longer takes -----
+
+def _save_checkpoint_metrics(module: ModuleType) -> None:
+    cls = module.LLaVATrainer
+    if _is_shimmed(cls._save_checkpoint):
+        return
+    original = cls._save_checkpoint
+    base = cls.__mro__[1]._save_checkpoint
+
+    @functools.wraps(original)
+    def _save_checkpoint(self, model, trial, metrics=None):
+        if getattr(self.args, "tune_mm_mlp_adapter", False):
+            return original(self, model, trial)
+        return base(self, model, trial)  # upstream's only other path: the base save
+
+    cls._save_checkpoint = _mark(_save_checkpoint, original)
+
+
+def _needs_save_checkpoint_metrics() -> bool:
+    from transformers import Trainer
+
+    return "metrics" not in inspect.signature(Trainer._save_checkpoint).parameters
+
+
 # -- transformers 5.x: Trainer(tokenizer=...) is gone --------------------------------
 
 def _trainer_tokenizer(module: ModuleType) -> None:
@@ -257,6 +281,11 @@ SHIMS: tuple[Shim, ...] = (
         "transformers >= 4.52", _needs_train_sampler, _train_sampler,
     ),
     Shim(
+        "save_checkpoint_metrics", "llava.train.llava_trainer",
+        "_save_checkpoint() takes 3 positional arguments but 4 were given (non-adapter runs)",
+        "transformers >= 4.47", _needs_save_checkpoint_metrics, _save_checkpoint_metrics,
+    ),
+    Shim(
         "trainer_tokenizer", "llava.train.llava_trainer",
         "Trainer.__init__() got an unexpected keyword argument 'tokenizer'",
         "transformers >= 5.0", _needs_trainer_tokenizer, _trainer_tokenizer,
@@ -293,6 +322,217 @@ def table() -> str:
     for s in SHIMS:
         rows.append(f"| `{s.name}` | `{s.module}` | {s.breaks} | {s.versions} | {'yes' if s.needed() else 'no'} |")
     return "\n".join(rows)
+
+
+# -- serving (issue 7): worker errors with their cause; Gradio examples the wheel lacks ---
+# Upstream's worker and Gradio server run as `python -m ...` (`__main__`), where no import
+# hook sees their own module; these shims mend what they import (llava.mm_utils, the
+# model class, gradio) before `from ... import` binds it.
+
+class GenerationError(ValueError):
+    """The model failed while generating for a streaming client (cause in the message).
+
+    A ValueError so that upstream's worker reports it in its log as
+    "Caught ValueError: <cause>" (its other branch prints only "Unknown Error").
+    """
+
+
+class _StreamFailure:
+    """Put in a TextIteratorStreamer's queue when generate() fails in its thread.
+
+    The consumer's `__next__` compares each value with the stop signal (`value ==
+    None`): this object raises there, so the reader fails at once with the cause
+    instead of waiting `timeout` s for text that never comes and reporting a bare
+    queue.Empty ("NETWORK ERROR"). `+=` onto the text raises the same, for readers
+    that use the value another way.
+    """
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def _raise(self, *_args):
+        raise GenerationError(
+            f"generation failed in the model: {type(self.error).__name__}: {self.error} "
+            f"(traceback logged by feallm_llava.compat)") from self.error
+
+    __eq__ = __ne__ = __radd__ = __add__ = _raise
+    __hash__ = None
+
+
+def _worker_generate_errors(module: ModuleType) -> None:
+    """LlavaLlamaForCausalLM.generate: log a failure with its traceback, hand it to the stream.
+
+    Upstream's worker runs generate() in a thread feeding a TextIteratorStreamer; an
+    exception there (a FEALLM projector error, a bad sampling parameter) only ended the
+    thread, the reader timed out 15 s later and the client got "NETWORK ERROR" with no
+    cause in the worker log's request lines.
+    """
+    for cls_name in ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM"):
+        cls = getattr(module, cls_name, None)
+        if cls is None or _is_shimmed(cls.generate):
+            continue
+        original = cls.generate
+
+        @functools.wraps(original)
+        def generate(self, *args, __original=original, **kwargs):
+            try:
+                return __original(self, *args, **kwargs)
+            except Exception as err:
+                queue = getattr(kwargs.get("streamer"), "text_queue", None)
+                if queue is None:
+                    raise  # a direct caller sees the exception itself
+                log.error("generate() failed: %s: %s", type(err).__name__, err, exc_info=True)
+                queue.put(_StreamFailure(err))  # the reader raises GenerationError with the cause
+                return None
+
+        cls.generate = _mark(generate, original)
+
+
+def _worker_image_errors(module: ModuleType) -> None:
+    """llava.mm_utils.load_image_from_base64: decode safely, to RGB, or name what is wrong.
+
+    Upstream returns `Image.open(...)` unchecked: a corrupt upload fails later as
+    "cannot identify image file <_io.BytesIO object at 0x...>", a 20000x20000 PNG is
+    decoded (1.2 GB), CMYK / 16-bit / RGBA reach the processor unconverted.
+    `feallm_llava.data.images.load_rgb` refuses or converts each with a clear reason.
+    """
+    original = module.load_image_from_base64
+    if _is_shimmed(original):
+        return
+
+    @functools.wraps(original)
+    def load_image_from_base64(image):
+        import base64
+        import binascii
+
+        from feallm_llava.data.images import ImageError, load_rgb
+
+        label = "request image (base64)"
+        if isinstance(image, str) and image.startswith("data:") and "," in image:
+            image = image.split(",", 1)[1]  # a data URL
+        try:
+            data = base64.b64decode(image, validate=False)
+        except (binascii.Error, TypeError, ValueError) as err:
+            raise ImageError(label, f"not valid base64 ({err})") from err
+        return load_rgb(data, name=f"{label}, {len(data)} bytes")
+
+    module.load_image_from_base64 = _mark(load_image_from_base64, original)
+
+
+SERVE_EXAMPLES = ("extreme_ironing.jpg", "waterview.jpg")  # what upstream's gradio_web_server names
+
+
+def llava_examples_dir():
+    """`llava/serve/examples` of the installed llava, or None when llava is not installed."""
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llava")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "serve" / "examples"
+
+
+def _needs_serve_examples() -> bool:
+    folder = llava_examples_dir()
+    return folder is not None and not all((folder / name).is_file() for name in SERVE_EXAMPLES)
+
+
+def serve_example_rows(directory=None) -> list[list[str]]:
+    """[[image path, question], ...]: face examples for the chat page, written once to `directory`.
+
+    A synthetic FACS face (happiness prototype) with the paper's emotion-summary
+    question, and scikit-image's astronaut photo (public domain; a second synthetic face
+    when scikit-image is absent) with the paper's movement question (section 3.2).
+    """
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from feallm_llava.data.labels import PROTOTYPES
+    from feallm_llava.data.synthetic import Identity, render_face
+
+    folder = Path(directory) if directory else (
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "feallm_llava" / "serve_examples")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write(name: str, make) -> str:
+        path = folder / name
+        if not path.is_file():
+            tmp = folder / f".{name}.{os.getpid()}.tmp"
+            make().save(tmp, format="JPEG", quality=92)
+            os.replace(tmp, path)  # atomic: parallel servers never read a half-written file
+        return str(path)
+
+    def synthetic(expression: str, seed: int):
+        rng = np.random.default_rng(seed)
+        face = render_face({au: 0.9 for au in PROTOTYPES[expression]}, Identity.sample(rng, "example"), rng, size=336)
+        return face.convert("RGB")
+
+    def astronaut():
+        try:
+            from skimage import data
+        except ImportError:
+            return synthetic("Surprise", 2)
+        return Image.fromarray(data.astronaut()).convert("RGB")
+
+    return [
+        [write("synthetic_happiness.jpg", lambda: synthetic("Happiness", 1)),
+         "Please describe the expression in this face."],
+        [write("astronaut.jpg", astronaut), "Please describe the action units in this face."],
+    ]
+
+
+def _serve_examples(module: ModuleType) -> None:
+    """gradio.Examples: rows naming llava's missing example images get FEALLM face examples.
+
+    The llava-torch wheel ships no `llava/serve/examples/*.jpg`, so upstream's
+    gradio_web_server crashed at start with FileNotFoundError (measured). Only rows with
+    a missing file in that folder are replaced; every other use of gr.Examples is untouched.
+    """
+    original = getattr(module, "Examples", None)
+    if original is None or not inspect.isfunction(original) or _is_shimmed(original):
+        return  # gradio 4.x exposes gr.Examples as the function create_examples
+    folder = llava_examples_dir()
+
+    def missing_upstream_file(cell) -> bool:
+        if not isinstance(cell, str) or folder is None:
+            return False
+        path = os.path.abspath(cell)
+        return os.path.dirname(path) == os.path.abspath(folder) and not os.path.exists(path)
+
+    @functools.wraps(original)
+    def Examples(examples, *args, **kwargs):
+        if isinstance(examples, list) and any(
+                isinstance(row, list) and any(missing_upstream_file(c) for c in row) for row in examples):
+            ours = serve_example_rows()
+            log.info("llava/serve/examples missing from the installed llava: showing FEALLM examples %s",
+                     [row[0] for row in ours])
+            examples = ours
+        return original(examples, *args, **kwargs)
+
+    module.Examples = _mark(Examples, original)
+
+
+SHIMS += (
+    Shim(
+        "worker_generate_errors", "llava.model.language_model.llava_llama",
+        "model_worker: an error in the generate thread surfaced 15 s later as 'NETWORK ERROR' "
+        "with no cause in the request log",
+        "all", lambda: True, _worker_generate_errors,
+    ),
+    Shim(
+        "worker_image_errors", "llava.mm_utils",
+        "model_worker: corrupt upload -> 'cannot identify image file <_io.BytesIO ...>'; "
+        "20000x20000 PNG decoded; CMYK/16-bit unconverted",
+        "all", lambda: True, _worker_image_errors,
+    ),
+    Shim(
+        "serve_examples", "gradio",
+        "gradio_web_server: FileNotFoundError llava/serve/examples/extreme_ironing.jpg at start",
+        "llava-torch wheels without serve/examples", _needs_serve_examples, _serve_examples,
+    ),
+)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import os
+import sys
 from types import ModuleType
 
 from feallm_llava import autoload, compat
 from feallm_llava.model.config import LLAVA_PREFIX, FeallmConfig
+
+log = logging.getLogger(__name__)
 
 PROJECTOR_TYPE = "feallm"
 
@@ -33,6 +38,7 @@ _ARCH = "llava.model.llava_arch"
 _TOWER_BUILDER = "llava.model.multimodal_encoder.builder"
 _PROJECTOR_BUILDER = "llava.model.multimodal_projector.builder"
 _TRAIN = "llava.train.train"
+_TRAINER = "llava.train.llava_trainer"  # imported by train.py however it is started
 
 _registered = False
 
@@ -156,8 +162,195 @@ def model_arguments_class(base=None):
     return cls
 
 
+def data_arguments_class(base):
+    """Upstream's `DataArguments` plus `--skip_bad_samples`."""
+    if getattr(base, "__feallm__", False):
+        return base
+    cls = dataclasses.make_dataclass("DataArguments", [(
+        "skip_bad_samples", bool, dataclasses.field(default=False, metadata={
+            "help": "skip (and count) samples with a missing/unreadable image or a malformed "
+                    "conversation instead of stopping with an error naming the sample"}),
+    )], bases=(base,))
+    cls.__module__ = base.__module__
+    cls.__feallm__ = True
+    return cls
+
+
+def _check_dataset(cls) -> None:
+    """Make upstream's `LazySupervisedDataset` name bad samples (or skip and count them).
+
+    Its methods are wrapped in place: upstream calls `super(LazySupervisedDataset, self)`
+    with the module-level name, so a subclass bound to that name would recurse.
+    """
+    if getattr(cls, "__feallm__", False):
+        return
+    from feallm_llava.data.llava_json import check_samples
+
+    init, getitem = cls.__init__, cls.__getitem__
+
+    def __init__(self, data_path, tokenizer, data_args):
+        init(self, data_path=data_path, tokenizer=tokenizer, data_args=data_args)
+        self.skip_bad = bool(getattr(data_args, "skip_bad_samples", False))
+        self.skipped = []
+        bad = check_samples(self.list_data_dict, getattr(data_args, "image_folder", None))
+        if bad and not self.skip_bad:
+            listing = "\n  ".join(str(b) for b in bad[:10])
+            raise ValueError(
+                f"{data_path}: {len(bad)} bad sample(s):\n  {listing}\n"
+                "Fix them, or pass --skip_bad_samples True to skip and count them."
+            )
+        if bad:
+            drop = {b.index for b in bad}
+            self.list_data_dict = [s for i, s in enumerate(self.list_data_dict) if i not in drop]
+            self.skipped = [str(b) for b in bad]
+            log.warning("%s: skipped %d bad sample(s), e.g. %s", data_path, len(bad), bad[0])
+        if not self.list_data_dict:
+            raise ValueError(f"{data_path}: no usable sample left")
+
+    def __getitem__(self, i):
+        for attempt in range(len(self.list_data_dict)):
+            j = (i + attempt) % len(self.list_data_dict)
+            try:
+                return getitem(self, j)
+            except Exception as err:  # an unreadable image etc.: name the sample
+                sample = self.list_data_dict[j]
+                where = f"sample #{j} (id {sample.get('id', j)!r}, image {sample.get('image')!r})"
+                if not self.skip_bad:
+                    raise RuntimeError(f"{where}: {type(err).__name__}: {err}. "
+                                       "Pass --skip_bad_samples True to skip and count such samples.") from err
+                self.skipped.append(f"{where}: {err}")
+                log.warning("skipping %s: %s (%d skipped so far)", where, err, len(self.skipped))
+        raise RuntimeError("every sample of the dataset failed to load")
+
+    cls.__init__ = functools.wraps(init)(__init__)
+    cls.__getitem__ = functools.wraps(getitem)(__getitem__)
+    cls.__feallm__ = True
+
+
 def _hook_train(module: ModuleType) -> None:
+    """Everything done to upstream's train module (imported, or run as __main__)."""
+    if getattr(module.ModelArguments, "__feallm__", False):
+        return
     module.ModelArguments = model_arguments_class(module.ModelArguments)
+    module.DataArguments = data_arguments_class(module.DataArguments)
+    _check_dataset(module.LazySupervisedDataset)
+
+
+def _is_upstream_arguments(cls) -> bool:
+    fields = getattr(cls, "__dataclass_fields__", {})
+    return not getattr(cls, "__feallm__", False) and (
+        (cls.__name__ == "ModelArguments" and "mm_projector_type" in fields)
+        or (cls.__name__ == "DataArguments" and "image_aspect_ratio" in fields)
+    )
+
+
+def _hook_argument_parser(_trainer_module: ModuleType) -> None:
+    """Catch `python -m llava.train.train`, where train.py runs as `__main__`.
+
+    runpy executes the file without an import, so no import hook sees the module; but
+    its `train()` builds `HfArgumentParser((ModelArguments, ...))` once every name of
+    the module exists. The parser is where the train-module hooks are applied then.
+    """
+    import transformers
+
+    cls = transformers.HfArgumentParser
+    if getattr(cls.__init__, "__feallm__", False):
+        return
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, dataclass_types=None, **kwargs):
+        if dataclass_types is not None:
+            types = list(dataclass_types) if isinstance(dataclass_types, (list, tuple)) else [dataclass_types]
+            for i, t in enumerate(types):
+                if isinstance(t, type) and _is_upstream_arguments(t):
+                    module = sys.modules.get(t.__module__)
+                    if module is not None and getattr(module, t.__name__, None) is t:
+                        _hook_train(module)
+                        types[i] = getattr(module, t.__name__)
+            dataclass_types = types
+        original(self, dataclass_types, **kwargs)
+
+    __init__.__feallm__ = True
+    cls.__init__ = __init__
+
+
+# -- checkpoints: safetensors twins, and resumable stage-1 / LoRA checkpoints --------
+
+def _trainables(trainer, trainer_module: ModuleType) -> tuple[str, dict]:
+    """(file stem, state) of what this run trains besides LoRA, gathered under ZeRO-3."""
+    from feallm_llava.checkpoint import NON_LORA_FILE, PROJECTOR_FILE
+
+    named = list(trainer.model.named_parameters())
+    if getattr(trainer.args, "tune_mm_mlp_adapter", False):
+        return PROJECTOR_FILE, trainer_module.get_mm_adapter_state_maybe_zero_3(named, ["mm_projector"])
+    if any("lora_" in n for n, _ in named):
+        keep = [(n, p) for n, p in named if p.requires_grad and "lora_" not in n]
+        return NON_LORA_FILE, {n: trainer_module.maybe_zero_3(p, ignore_status=True).cpu() for n, p in keep}
+    return "", {}
+
+
+def _write_trainables(trainer, trainer_module: ModuleType, out_dir: str) -> None:
+    from feallm_llava.checkpoint import save_weights
+
+    stem, state = _trainables(trainer, trainer_module)
+    if stem and state and trainer.args.should_save:
+        save_weights(state, os.path.join(out_dir, stem + ".safetensors"))
+
+
+def _load_trainables(model, checkpoint_dir: str) -> bool:
+    """Load the projector / non-LoRA weights saved in a checkpoint; True if there were any."""
+    from feallm_llava.checkpoint import NON_LORA_FILE, PROJECTOR_FILE, load_weights
+
+    for stem in (PROJECTOR_FILE, NON_LORA_FILE):
+        for ext in (".safetensors", ".bin"):
+            path = os.path.join(checkpoint_dir, stem + ext)
+            if os.path.exists(path):
+                result = model.load_state_dict(load_weights(path), strict=False)
+                if result.unexpected_keys:
+                    raise ValueError(f"{path}: keys that do not fit this model: {result.unexpected_keys[:5]}")
+                log.info("resumed %s from %s", stem, path)
+                return True
+    return False
+
+
+def _hook_trainer(module: ModuleType) -> None:
+    _hook_argument_parser(module)
+    cls = module.LLaVATrainer
+    if getattr(cls, "__feallm__", False):
+        return
+    from transformers import Trainer
+
+    save_checkpoint, load_checkpoint, train = cls._save_checkpoint, cls._load_from_checkpoint, cls.train
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        save_checkpoint(self, model, trial, *args, **kwargs)
+        if getattr(self.args, "tune_mm_mlp_adapter", False):
+            # Upstream saved only mm_projector.bin + config, which its own auto-resume
+            # cannot restart from; the base Trainer adds optimizer, scheduler, RNG and
+            # trainer state (its model save is upstream's no-op `_save` in this mode).
+            Trainer._save_checkpoint(self, model, trial)
+        out = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        _write_trainables(self, module, out)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = self.model if model is None else model
+        if getattr(self.args, "tune_mm_mlp_adapter", False):
+            if not _load_trainables(model, resume_from_checkpoint):
+                raise FileNotFoundError(f"{resume_from_checkpoint}: no mm_projector weights to resume from")
+            return
+        load_checkpoint(self, resume_from_checkpoint, model)
+        _load_trainables(model, resume_from_checkpoint)  # LoRA runs: the projector too
+
+    def train_(self, *args, **kwargs):
+        result = train(self, *args, **kwargs)
+        _write_trainables(self, module, self.args.output_dir)
+        return result
+
+    cls._save_checkpoint = functools.wraps(save_checkpoint)(_save_checkpoint)
+    cls._load_from_checkpoint = functools.wraps(load_checkpoint)(_load_from_checkpoint)
+    cls.train = functools.wraps(train)(train_)
+    cls.__feallm__ = True
 
 
 def register() -> None:
@@ -171,3 +364,4 @@ def register() -> None:
     autoload.after_import(_PROJECTOR_BUILDER, _hook_builders)
     autoload.after_import(_ARCH, _hook_arch)
     autoload.after_import(_TRAIN, _hook_train)
+    autoload.after_import(_TRAINER, _hook_trainer)

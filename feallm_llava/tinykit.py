@@ -245,16 +245,49 @@ def build_llava(out: Path | str, kit: Kit, projector_type: str = "feallm", seed:
     return out
 
 
+SAMPLE_COLOURS = {"red": (200, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 210), "yellow": (230, 210, 40)}
+
+
+def write_sample_data(out: Path | str, n: int = 16, seed: int = 0) -> Path:
+    """A few LLaVA-format samples for smoke runs: `pretrain.json` (LCS-558K style,
+    conversation `plain`), `finetune.json` (v1 instruction turns) and `images/`."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    pretrain, finetune = [], []
+    for i in range(n):
+        name = rng.choice(sorted(SAMPLE_COLOURS))
+        img = Image.new("RGB", (64, 48), (235, 235, 235))
+        x, y = rng.randint(0, 24), rng.randint(0, 12)
+        ImageDraw.Draw(img).ellipse((x, y, x + 36, y + 32), fill=SAMPLE_COLOURS[name])
+        img.save(out / "images" / f"{i:03d}.jpg", quality=95)
+        pretrain.append({"id": f"pre{i:03d}", "image": f"{i:03d}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": f"a {name} face on a grey background"}]})
+        finetune.append({"id": f"ft{i:03d}", "image": f"{i:03d}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nPlease describe the expression in this face."},
+            {"from": "gpt", "value": f"Neutral. The {name} face shows no action unit."}]})
+    (out / "pretrain.json").write_text(json.dumps(pretrain, indent=1))
+    (out / "finetune.json").write_text(json.dumps(finetune, indent=1))
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for the kit")
     parser.add_argument("--llava", action="store_true", help="also save a full tiny LLaVA checkpoint (feallm projector)")
     parser.add_argument("--image-size", type=int, default=KitSpec.image_size)
+    parser.add_argument("--sample-data", metavar="DIR", help="also write a few LLaVA-format samples there")
 
 
 def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kit = build_kit(args.out, KitSpec(image_size=args.image_size))
     print(f"tokenizer: {kit.tokenizer}\nllm:       {kit.llm}\nclip:      {kit.clip}")
+    if args.sample_data:
+        print(f"data:      {write_sample_data(args.sample_data)}")
     if args.llava:
         print(f"llava:     {build_llava(kit.root / 'tiny-llava-feallm', kit)}")
     return 0

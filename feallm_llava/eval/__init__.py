@@ -1,0 +1,1 @@
+"""Evaluation: benchmark readers, runners, the text parser, metrics and reports."""

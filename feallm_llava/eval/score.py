@@ -1,0 +1,264 @@
+"""`feallm score`: predictions.jsonl files -> scores.json, scores.csv, table.md, plots.
+
+    feallm score run_a/predictions.jsonl run_b/predictions.jsonl --out scores/ \\
+        --name FEALLM LLaVA-LoRA
+
+Each line of a predictions file is one answered item (`feallm eval` writes them):
+{"id", "image", "task": "fer"|"aud", "question", "answer", "gt_expression",
+"gt_aus", "au_targets", "bench", "model"}. Items are grouped into rows by
+(benchmark, model); the model name is `--name` (one per file, in file order) when
+given, else the line's "model", else the name of the file's folder. Several files of
+one model and benchmark (the chunks of a sharded run) merge into one row; an item id
+seen twice in a row is an error.
+
+One parser decides: every answer is re-parsed with `feallm_llava.eval.parse`, and a
+stored "pred_expression"/"pred_aus" is ignored (a runner may have been run with an
+older or different parser; scores must not depend on which). How many stored
+predictions disagree with the re-parse is reported in scores.json.
+
+Outputs in --out: scores.json and scores.csv (fractions), table.md (percentages, the
+paper's layout), confusion.png (FER rows only), au_f1.png (AUD rows only) and
+parse_failures.jsonl (every answer that parsed to nothing, to read by eye).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from feallm_llava.data.labels import EXPRESSIONS
+
+from . import report
+from .metrics import au_metrics, fer_metrics
+from .parse import parse
+
+TASKS = ("fer", "aud")
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    """One predictions line, where it came from, and what the parser read from it."""
+    file: str
+    line: int
+    id: str
+    task: str
+    bench: str
+    model: str
+    answer: str
+    gt_expression: str | None
+    gt_aus: frozenset[int] | None
+    au_targets: tuple[int, ...]
+    stored_expression: object       # "pred_expression" as stored (or missing sentinel)
+    stored_aus: object              # "pred_aus" as stored (or missing sentinel)
+
+
+_MISSING = object()
+
+
+class PredictionsError(ValueError):
+    """A predictions line that cannot be scored; the message names file and line."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("predictions", nargs="+", type=Path,
+                        help="predictions.jsonl files written by `feallm eval`")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the reports")
+    parser.add_argument("--name", nargs="+", action="extend", default=None, metavar="NAME",
+                        help="model name per predictions file, in file order "
+                             "(default: the lines' \"model\" field, else the file's folder)")
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _int_list(value: object, key: str, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                              for v in value):
+        raise PredictionsError(f"{where}: {key!r} must be a list of AU numbers, got {value!r}")
+    return tuple(value)
+
+
+def read_predictions(path: Path, name: str | None = None) -> list[ScoredItem]:
+    """Parse and check every line of one predictions file (blank lines are skipped)."""
+    if not path.is_file():
+        raise PredictionsError(f"predictions file not found: {path}")
+    default_model = path.resolve().parent.name or path.stem
+    items = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise PredictionsError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                                       "fix or delete the line (an interrupted run can leave "
+                                       "a truncated last line)") from e
+            if not isinstance(rec, dict):
+                raise PredictionsError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            for key in ("id", "task", "answer", "bench"):
+                if key not in rec:
+                    raise PredictionsError(f"{where}: missing key {key!r}")
+            item_id = str(rec["id"])
+            where = f"{where} (id {item_id!r})"
+            task = rec["task"]
+            if task not in TASKS:
+                raise PredictionsError(f"{where}: task {task!r} is not one of {TASKS}")
+            if not isinstance(rec["answer"], str):
+                raise PredictionsError(f"{where}: 'answer' must be the generated text, got "
+                                       f"{rec['answer']!r}; rerun the item")
+            if not isinstance(rec["bench"], str) or not rec["bench"]:
+                raise PredictionsError(f"{where}: 'bench' must be a benchmark name, got "
+                                       f"{rec['bench']!r}")
+            gt_expression = gt_aus = None
+            targets: tuple[int, ...] = ()
+            if task == "fer":
+                gt_expression = rec.get("gt_expression")
+                if gt_expression not in EXPRESSIONS:
+                    raise PredictionsError(f"{where}: FER item needs gt_expression in "
+                                           f"{', '.join(EXPRESSIONS)}, got {gt_expression!r}")
+            else:
+                if rec.get("gt_aus") is None or rec.get("au_targets") is None:
+                    raise PredictionsError(f"{where}: AUD item needs 'gt_aus' and 'au_targets'")
+                gt_aus = frozenset(_int_list(rec["gt_aus"], "gt_aus", where))
+                targets = tuple(sorted(set(_int_list(rec["au_targets"], "au_targets", where))))
+                if not targets:
+                    raise PredictionsError(f"{where}: 'au_targets' is empty; nothing to score")
+            model = name if name is not None else rec.get("model") or default_model
+            if not isinstance(model, str):
+                raise PredictionsError(f"{where}: 'model' must be a string, got {model!r}")
+            items.append(ScoredItem(
+                file=str(path), line=lineno, id=item_id, task=task, bench=rec["bench"],
+                model=model, answer=rec["answer"], gt_expression=gt_expression, gt_aus=gt_aus,
+                au_targets=targets, stored_expression=rec.get("pred_expression", _MISSING),
+                stored_aus=rec.get("pred_aus", _MISSING)))
+    return items
+
+
+def group_rows(items: list[ScoredItem]) -> dict[tuple[str, str], list[ScoredItem]]:
+    """(bench, model) -> items, in first-seen order; duplicates and mixed targets rejected."""
+    groups: dict[tuple[str, str], list[ScoredItem]] = {}
+    seen: dict[tuple[str, str, str, str], ScoredItem] = {}
+    targets: dict[tuple[str, str], ScoredItem] = {}
+    for it in items:
+        key = (it.bench, it.model, it.task, it.id)
+        if key in seen:
+            first = seen[key]
+            raise PredictionsError(
+                f"{it.file}:{it.line}: item {it.id!r} ({it.task}) of model {it.model!r} on "
+                f"{it.bench!r} was already scored from {first.file}:{first.line}; remove the "
+                "duplicate, or give the runs different names with --name")
+        seen[key] = it
+        row = (it.bench, it.model)
+        if it.task == "aud":
+            ref = targets.setdefault(row, it)
+            if ref.au_targets != it.au_targets:
+                raise PredictionsError(
+                    f"{it.file}:{it.line}: item {it.id!r} scores AUs {list(it.au_targets)} but "
+                    f"{ref.file}:{ref.line} scores {list(ref.au_targets)} for the same model and "
+                    f"benchmark ({it.model!r}, {it.bench!r}); one row needs one AU set")
+        groups.setdefault(row, []).append(it)
+    return groups
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def score_row(items: list[ScoredItem], failures: list[dict]) -> report.ReportRow:
+    """Re-parse every answer of one (bench, model) and compute its metrics."""
+    fer = [it for it in items if it.task == "fer"]
+    aud = [it for it in items if it.task == "aud"]
+    disagree = {"fer": 0, "aud": 0}
+    fer_metrics_, aud_metrics_, ambiguous = None, None, 0
+
+    def fail(it: ScoredItem, why: str) -> None:
+        failures.append({"file": it.file, "line": it.line, "id": it.id, "model": it.model,
+                         "bench": it.bench, "task": it.task, "why": why, "answer": it.answer})
+
+    if fer:
+        preds = []
+        for it in fer:
+            result = parse(it.answer)
+            preds.append(result.expression)
+            if result.expression is None:
+                ambiguous += result.expression_ambiguous
+                fail(it, "ambiguous: " + ", ".join(f"{c} x{n}" for c, n in
+                                                   result.expression_counts.items())
+                     if result.expression_ambiguous else "no expression named")
+            if it.stored_expression is not _MISSING and it.stored_expression != result.expression:
+                disagree["fer"] += 1
+        fer_metrics_ = fer_metrics([it.gt_expression for it in fer], preds)
+    if aud:
+        preds = []
+        for it in aud:
+            result = parse(it.answer, it.au_targets)
+            preds.append(set(result.aus) if result.aus_answered else None)
+            if not result.aus_answered:
+                fail(it, "no AU named")
+            if it.stored_aus is not _MISSING:
+                stored = it.stored_aus
+                if isinstance(stored, list):
+                    stored = set(stored) & set(it.au_targets)
+                if stored != preds[-1]:
+                    disagree["aud"] += 1
+        aud_metrics_ = au_metrics([it.gt_aus for it in aud], preds, aud[0].au_targets)
+    return report.ReportRow(
+        model=items[0].model, bench=items[0].bench,
+        files=tuple(dict.fromkeys(it.file for it in items)),
+        fer=fer_metrics_, aud=aud_metrics_, fer_ambiguous=ambiguous,
+        stored_disagreements={k: v for k, v in disagree.items() if v})
+
+
+def score_files(paths: list[Path], names: list[str] | None = None
+                ) -> tuple[list[report.ReportRow], list[dict]]:
+    """Read, group and score prediction files; returns the rows and the parse failures."""
+    if names is not None and len(names) != len(paths):
+        raise PredictionsError(f"--name gave {len(names)} names for {len(paths)} prediction "
+                               "files; give one name per file, in file order")
+    items: list[ScoredItem] = []
+    for i, path in enumerate(paths):
+        file_items = read_predictions(path, names[i] if names else None)
+        if not file_items:
+            raise PredictionsError(f"{path}: no predictions in the file")
+        items += file_items
+    failures: list[dict] = []
+    rows = [score_row(group, failures)
+            for group in tqdm(group_rows(items).values(), desc="scoring", unit="row",
+                              disable=None)]
+    return rows, failures
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        rows, failures = score_files(list(args.predictions), args.name)
+    except PredictionsError as e:
+        print(f"feallm score: {e}", file=sys.stderr)
+        return 2
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "inputs": [str(p) for p in args.predictions],
+        "parser": "feallm_llava.eval.parse: every answer re-parsed; stored pred_* ignored",
+        "metrics": "FER accuracy (parse failure = wrong); per-AU F1 with counts summed over "
+                   "items, unweighted mean over the benchmark's AUs; fractions in [0, 1]",
+    }
+    report.write_json(rows, out / "scores.json", meta)
+    report.write_csv(rows, out / "scores.csv")
+    report.write_table(rows, out / "table.md")
+    with (out / "parse_failures.jsonl").open("w", encoding="utf-8") as f:
+        for rec in failures:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    written = ["scores.json", "scores.csv", "table.md", "parse_failures.jsonl"]
+    for filename, plot in (("confusion.png", report.plot_confusion),
+                           ("au_f1.png", report.plot_au_f1)):
+        if plot(rows, out / filename):
+            written.append(filename)
+        elif (out / filename).exists():
+            (out / filename).unlink()   # a plot of an earlier run would not match these scores
+    print(report.render_table(rows))
+    print(f"wrote {', '.join(written)} to {out}")
+    return 0

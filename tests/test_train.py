@@ -1,0 +1,149 @@
+"""Upstream's train script trains FEALLM (stage 1 and LoRA stage 2) and its loader loads it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_tiny(out: Path, kit, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, "OUT": str(out), "KIT": str(kit.root), "PY": sys.executable, **env}
+    return subprocess.run(["bash", str(ROOT / "launch" / "tiny_cpu.sh")], env=full,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(kit, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    proc = run_tiny(out, kit, STEPS1="4", STEPS2="6", LR2="2e-3", SAVE_STEPS="3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _losses(run_dir: Path) -> list[float]:
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    return [h["loss"] for h in state["log_history"] if "loss" in h]
+
+
+def projector_keys(model) -> set[str]:
+    return {k for k in model.state_dict() if "mm_projector." in k}
+
+
+def test_stage1_saves_every_projector_tensor(tiny_run, kit):
+    from feallm_llava.checkpoint import load_weights
+    from feallm_llava.tinykit import build_llava_model
+
+    saved = torch.load(tiny_run / "llava-tiny-feallm-pretrain" / "mm_projector.bin", weights_only=True)
+    expected = projector_keys(build_llava_model(kit, "feallm", mm_feallm_crop_size=32, mm_feallm_mpp_dim=0))
+    assert set(saved) == expected
+    assert any(".lca." in k for k in saved) and any(".mpp." in k for k in saved)
+    twin = load_weights(tiny_run / "llava-tiny-feallm-pretrain" / "mm_projector.safetensors")
+    assert all(torch.equal(twin[k], saved[k]) for k in saved)
+
+
+def test_stage1_loss_decreases(tiny_run):
+    losses = _losses(tiny_run / "llava-tiny-feallm-pretrain")
+    assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_stage2_saves_lora_adapter_and_projector(tiny_run):
+    run = tiny_run / "llava-tiny-feallm-lora"
+    assert (run / "adapter_model.safetensors").exists()
+    non_lora = torch.load(run / "non_lora_trainables.bin", weights_only=True)
+    assert any("mm_projector.lca." in k for k in non_lora) and any("mm_projector.mpp." in k for k in non_lora)
+    assert not any("lora_" in k or "base_layer" in k for k in non_lora)
+    losses = _losses(run)
+    assert losses[-1] < losses[0]
+
+
+def _load(path, base, name):
+    from llava.model.builder import load_pretrained_model
+
+    return load_pretrained_model(str(path), base and str(base), name, device="cpu", device_map="cpu")
+
+
+def _generate(tokenizer, model, processor):
+    from PIL import Image
+
+    from llava.conversation import conv_templates
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    conv = conv_templates["v1"].copy()
+    conv.append_message(conv.roles[0], "<image>\nPlease describe the expression in this face.")
+    conv.append_message(conv.roles[1], None)
+    ids = tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt").unsqueeze(0)
+    images = process_images([Image.new("RGB", (60, 40), (200, 30, 30))], processor, model.config)
+    out = model.generate(ids, images=images.to(model.dtype), do_sample=False, max_new_tokens=5, min_new_tokens=5)
+    return tokenizer.decode(out[0])
+
+
+def test_lora_checkpoint_loads_with_projector_restored(tiny_run, kit):
+    run = tiny_run / "llava-tiny-feallm-lora"
+    tokenizer, model, processor, _ = _load(run, kit.llm, "llava-tiny-feallm-lora")
+    saved = torch.load(run / "non_lora_trainables.bin", weights_only=True)
+    state = model.state_dict()
+    for key, value in saved.items():
+        mine = key.replace("base_model.model.", "", 1)
+        assert torch.equal(state[mine].float(), value.float().to(state[mine].dtype).float()), key
+    assert isinstance(_generate(tokenizer, model, processor), str)
+
+
+def test_projector_only_checkpoint_loads(tiny_run, kit):
+    run = tiny_run / "llava-tiny-feallm-pretrain"
+    tokenizer, model, processor, _ = _load(run, kit.llm, "llava-tiny-feallm-pretrain")
+    saved = torch.load(run / "mm_projector.bin", weights_only=True)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v.to(torch.float16)) for k, v in saved.items())
+    assert isinstance(_generate(tokenizer, model, processor), str)
+
+
+def test_full_checkpoint_loads(tmp_path, kit):
+    from feallm_llava.tinykit import build_llava, build_llava_model
+
+    path = build_llava(tmp_path / "llava-tiny-full", kit)
+    reference = build_llava_model(kit)
+    tokenizer, model, processor, _ = _load(path, None, path.name)
+    state = model.state_dict()
+    for key, value in reference.state_dict().items():
+        if "mm_projector." in key:
+            assert torch.equal(state[key], value.to(state[key].dtype)), key
+    assert isinstance(_generate(tokenizer, model, processor), str)
+
+
+def test_resume_after_sigkill_finishes_with_same_projector_keys(kit, tmp_path, tiny_run):
+    """Kill stage 1 right after its first checkpoint; a second run resumes and finishes."""
+    out = tmp_path / "resume"
+    env = {**os.environ, "OUT": str(out), "KIT": str(kit.root), "PY": sys.executable,
+           "STEPS1": "6", "SAVE_STEPS": "2", "DATA": str(tiny_run / "data")}
+    stage1 = out / "llava-tiny-feallm-pretrain"
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "tiny_cpu.sh")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not (stage1 / "checkpoint-2" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "stage 1 ended before its first checkpoint"
+        time.sleep(0.5)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (stage1 / "mm_projector.bin").exists()
+    done = run_tiny(out, kit, STEPS1="6", SAVE_STEPS="2", DATA=str(tiny_run / "data"), STAGES="1")
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    resumed_from = sorted(int(p.name.split("-")[1]) for p in stage1.glob("checkpoint-*"))
+    assert log.count("{'loss'") == 6 - 2  # steps 3..6 only: continued, not restarted
+    assert resumed_from[-1] == 6
+    state = json.loads((stage1 / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    final = torch.load(stage1 / "mm_projector.bin", weights_only=True)
+    first = torch.load(tiny_run / "llava-tiny-feallm-pretrain" / "mm_projector.bin", weights_only=True)
+    assert set(final) == set(first)
