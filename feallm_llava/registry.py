@@ -227,10 +227,30 @@ def _check_dataset(cls) -> None:
     cls.__feallm__ = True
 
 
+_NOT_LORA = ("mm_projector", "vision_tower", "vision_resampler", "lm_head")
+
+
+def lora_target_modules(model) -> list[str]:
+    """Full names of the LLM's Linear layers: LoRA's targets.
+
+    Upstream's `find_all_linear_names` returns leaf names (`q_proj`, ...), which PEFT
+    matches anywhere: a loaded CLIP tower's `q_proj/k_proj/v_proj` (or any projector
+    Linear so named) would be wrapped too, saved as `...base_layer.weight` and silently
+    dropped by the loader (measured). Full names match only the LLM's layers.
+    """
+    import torch.nn as nn
+
+    return sorted(
+        name for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and not any(part in _NOT_LORA for part in name.split("."))
+    )
+
+
 def _hook_train(module: ModuleType) -> None:
     """Everything done to upstream's train module (imported, or run as __main__)."""
     if getattr(module.ModelArguments, "__feallm__", False):
         return
+    module.find_all_linear_names = functools.wraps(module.find_all_linear_names)(lora_target_modules)
     module.ModelArguments = model_arguments_class(module.ModelArguments)
     module.DataArguments = data_arguments_class(module.DataArguments)
     _check_dataset(module.LazySupervisedDataset)
