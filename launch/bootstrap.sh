@@ -9,7 +9,7 @@ cd "$root"
 venv="${FEALLM_VENV:-$root/.venv}"
 python="${PYTHON:-python3.11}"
 command -v "$python" >/dev/null 2>&1 || python=python3
-extras="${FEALLM_EXTRAS:-test,serve}"
+extras="${FEALLM_EXTRAS:-test}"
 
 stamp_of() {
   cat setup.cfg setup.py pyproject.toml launch/bootstrap.sh feallm_llava_autoload.pth | sha256sum | cut -c1-16

@@ -1,0 +1,192 @@
+"""Answer eval items with a LLaVA checkpoint: upstream loading, batched greedy decoding.
+
+Loading is upstream's `load_pretrained_model(model_path, model_base, model_name)`
+(full model, projector-only with a base, or LoRA with a base), so a FEALLM checkpoint
+and a plain LLaVA-1.5 one run the same way; `import feallm_llava` registers the
+`feallm` projector and the compat shims first.
+
+Prompts follow upstream's eval scripts: the conversation template `conv_mode`
+(inferred from the model name as upstream does when not given), `<image>\\n` before the
+question, `tokenizer_image_token` for the ids, `process_images` for the pixels.
+
+Batching with left padding: upstream `prepare_inputs_labels_for_multimodal` drops the
+padded positions (attention_mask == 0), splices the image features in, then pads the
+spliced embeddings again on the side named by `config.tokenizer_padding_side`
+(default "right", a training setting). For generation every row must end at the same
+position, so the backend sets it to "left"; the new attention mask then marks the
+padding and generate's position ids count from each row's first real token. Greedy
+answers of a batch are the answers each item gets alone (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from .items import EvalItem
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_conv_mode(model_name: str) -> str:
+    """The conversation template upstream's eval/CLI scripts infer from a model name."""
+    name = model_name.lower()
+    if "llama-2" in name:
+        return "llava_llama_2"
+    if "mistral" in name:
+        return "mistral_instruct"
+    if "v1.6-34b" in name:
+        return "chatml_direct"
+    if "v1" in name:
+        return "llava_v1"
+    if "mpt" in name:
+        return "mpt"
+    return "llava_v0"
+
+
+def _batches(items: list[EvalItem], size: int) -> Iterator[list[EvalItem]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class LlavaBackend:
+    def __init__(self, model_path: str, model_base: str | None = None, *, conv_mode: str | None = None,
+                 device: str | None = None, dtype: str | None = None, max_new_tokens: int = 256):
+        import feallm_llava
+
+        feallm_llava.register()  # the `feallm` projector + compat shims, before llava loads anything
+        from llava.conversation import conv_templates
+        from llava.mm_utils import get_model_name_from_path
+        from llava.model.builder import load_pretrained_model
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model_name = get_model_name_from_path(model_path)
+        if "llava" not in self.model_name.lower():
+            raise ValueError(f"{model_path}: upstream load_pretrained_model loads a LLaVA model only when "
+                             f"'llava' is in the directory name (got {self.model_name!r}); rename the directory")
+        self.conv_mode = conv_mode or default_conv_mode(self.model_name)
+        if self.conv_mode not in conv_templates:
+            raise ValueError(f"unknown --conv-mode {self.conv_mode!r}; llava knows {', '.join(conv_templates)}")
+        self.tokenizer, self.model, self.image_processor, self.context_len = load_pretrained_model(
+            model_path, model_base, self.model_name, device=self.device)
+        # The builder loads float16. On CPU that is slow and loses nothing to undo, so the
+        # default there is float32; on GPU it stays float16 (upstream's eval setting).
+        dtype = dtype or ("float16" if self.device.startswith("cuda") else "float32")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        self.dtype = DTYPES[dtype]
+        if self.model.dtype != self.dtype:  # (a model dispatched over GPUs stays as loaded)
+            self.model.to(dtype=self.dtype)
+        self.model.eval()
+        self.model.config.tokenizer_padding_side = "left"
+        self.max_new_tokens = max_new_tokens
+        self.pad_id = next(i for i in (self.tokenizer.pad_token_id, self.tokenizer.unk_token_id,
+                                       self.tokenizer.eos_token_id) if i is not None)
+
+    # -- prompt ---------------------------------------------------------------------
+    def prompt(self, question: str) -> str:
+        from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+        from llava.conversation import conv_templates
+
+        image_token = DEFAULT_IMAGE_TOKEN
+        if getattr(self.model.config, "mm_use_im_start_end", False):
+            image_token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+        conv = conv_templates[self.conv_mode].copy()
+        conv.append_message(conv.roles[0], image_token + "\n" + question.replace(DEFAULT_IMAGE_TOKEN, "").strip())
+        conv.append_message(conv.roles[1], None)
+        return conv.get_prompt()
+
+    def _stop_text(self) -> str | None:
+        """Text that ends an answer in templates whose turns do not end with </s>."""
+        from llava.conversation import SeparatorStyle, conv_templates
+
+        conv = conv_templates[self.conv_mode]
+        if conv.sep_style in (SeparatorStyle.TWO, SeparatorStyle.LLAMA_2):
+            return conv.sep2
+        return conv.sep
+
+    # -- generation -----------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, items: list[EvalItem]) -> list[str]:
+        """Greedy answers of one batch, in item order."""
+        from llava.constants import IMAGE_TOKEN_INDEX
+        from llava.mm_utils import process_images, tokenizer_image_token
+
+        images = [item.load_image() for item in items]
+        pixels = process_images(images, self.image_processor, self.model.config)  # (B, 3, H, W) or list
+        if isinstance(pixels, list):
+            pixels = [p.to(self.model.device, dtype=self.dtype) for p in pixels]
+        else:
+            pixels = pixels.to(self.model.device, dtype=self.dtype)
+
+        ids = [tokenizer_image_token(self.prompt(item.question), self.tokenizer, IMAGE_TOKEN_INDEX,
+                                     return_tensors="pt") for item in items]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)  # (B, L) left-padded
+        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):
+            input_ids[row, width - len(x):] = x
+            attention_mask[row, width - len(x):] = 1
+
+        output = self.model.generate(
+            input_ids.to(self.model.device),
+            attention_mask=attention_mask.to(self.model.device),
+            images=pixels,
+            image_sizes=[im.size for im in images],
+            do_sample=False, num_beams=1, temperature=None, top_p=None,
+            max_new_tokens=self.max_new_tokens,
+            use_cache=True,
+            pad_token_id=self.pad_id,
+        )  # (B, T): only new tokens (generate ran from inputs_embeds), or prompt + new tokens
+        output = output.cpu()
+        if output.shape[1] >= width and torch.equal(output[:, :width], input_ids):
+            output = output[:, width:]
+        return [self._decode(row) for row in output]
+
+    def _decode(self, row: torch.Tensor) -> str:
+        tokens = row.tolist()
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and eos in tokens:
+            tokens = tokens[:tokens.index(eos)]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        stop = self._stop_text()
+        if stop and stop in text:
+            text = text[:text.index(stop)].strip()
+        return text
+
+    def prompt_length(self, item: EvalItem) -> int:
+        from llava.constants import IMAGE_TOKEN_INDEX
+        from llava.mm_utils import tokenizer_image_token
+
+        return len(tokenizer_image_token(self.prompt(item.question), self.tokenizer, IMAGE_TOKEN_INDEX))
+
+    def answer(self, items: Iterable[EvalItem], batch_size: int = 8) -> Iterator[tuple[EvalItem, str]]:
+        """(item, answer) pairs, `batch_size` items per generate call.
+
+        Batches are cut from items of equal prompt length first (benchmarks sample their
+        questions from a dozen templates, so these groups are large), then the leftovers
+        are batched in length order. An unpadded batch wastes no compute, and transformers
+        4.5x builds a 4-D padding mask with torch.vmap at every decoding step of a padded
+        batch, which costs more than a tiny model's forward on CPU. Answers do not depend
+        on the batching (tested); pairs come in processing order.
+        """
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        for batch in self._plan(list(items), batch_size):
+            yield from zip(batch, self.generate(batch))
+
+    def _plan(self, items: list[EvalItem], batch_size: int) -> list[list[EvalItem]]:
+        if batch_size == 1:
+            return [[item] for item in items]
+        groups: dict[int, list[EvalItem]] = {}
+        for item in items:
+            groups.setdefault(self.prompt_length(item), []).append(item)
+        batches: list[list[EvalItem]] = []
+        leftovers: list[EvalItem] = []
+        for length in sorted(groups):
+            group = groups[length]
+            full = len(group) - len(group) % batch_size
+            batches.extend(_batches(group[:full], batch_size))
+            leftovers.extend(group[full:])
+        return batches + list(_batches(leftovers, batch_size))
