@@ -381,7 +381,7 @@ def _worker_generate_errors(module: ModuleType) -> None:
                 queue = getattr(kwargs.get("streamer"), "text_queue", None)
                 if queue is None:
                     raise  # a direct caller sees the exception itself
-                log.error("generate() failed: %s: %s", type(err).__name__, err, exc_info=True)
+                log.exception("generate() failed: %s: %s", type(err).__name__, err)
                 queue.put(_StreamFailure(err))  # the reader raises GenerationError with the cause
                 return None
 
@@ -429,7 +429,7 @@ def llava_examples_dir():
     spec = importlib.util.find_spec("llava")
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0]) / "serve" / "examples"
+    return Path(next(iter(spec.submodule_search_locations))) / "serve" / "examples"
 
 
 def _needs_serve_examples() -> bool:

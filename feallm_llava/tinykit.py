@@ -239,7 +239,10 @@ def build_llava(out: Path | str, kit: Kit, projector_type: str = "feallm", seed:
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         return out
     model = build_llava_model(kit, projector_type, seed, **overrides)
-    model.save_pretrained(out, safe_serialization=True)
+    # The tower is loaded from its own path (mm_vision_tower), as upstream does; its
+    # weights in the checkpoint would only be reported as unused at every load.
+    state = {k: v for k, v in model.state_dict().items() if ".vision_tower." not in k}
+    model.save_pretrained(out, state_dict=state, safe_serialization=True)
     load_tokenizer(kit.tokenizer).save_pretrained(out)
     stamp.write_text(json.dumps(want))
     return out
@@ -289,5 +292,5 @@ def main(args: argparse.Namespace) -> int:
     if args.sample_data:
         print(f"data:      {write_sample_data(args.sample_data)}")
     if args.llava:
-        print(f"llava:     {build_llava(kit.root / 'tiny-llava-feallm', kit)}")
+        print(f"llava:     {build_llava(kit.root / 'tiny-llava-v1-feallm', kit)}")
     return 0

@@ -9,7 +9,7 @@ cd "$root"
 venv="${FEALLM_VENV:-$root/.venv}"
 python="${PYTHON:-python3.11}"
 command -v "$python" >/dev/null 2>&1 || python=python3
-extras="${FEALLM_EXTRAS:-test}"
+extras="${FEALLM_EXTRAS:-test,serve}"
 
 stamp_of() {
   cat setup.cfg setup.py pyproject.toml launch/bootstrap.sh feallm_llava_autoload.pth | sha256sum | cut -c1-16
@@ -32,6 +32,11 @@ DS_BUILD_OPS=0 $pip install -q --no-build-isolation "deepspeed==0.19.8"
 # upstream LLaVA without its 2023 pins (torch 2.0 / transformers 4.36); compat.py mends it.
 $pip install -q --no-deps "llava-torch==1.2.2.post1"
 $pip install -q --no-build-isolation -e ".[${extras}]"
+case ",$extras," in
+  # gradio 4.16.0's declared pins (numpy~=1.0, pillow<11, ...) conflict with the stack
+  # it runs on fine (tested); its other requirements come with the serve extra.
+  *,serve,*) $pip install -q --no-deps "gradio==4.16.0" ;;
+esac
 # Editable installs do not run build_py, so place the autoload hook by hand.
 purelib="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cp feallm_llava_autoload.pth "$purelib/"

@@ -1,0 +1,428 @@
+"""Start and stop upstream LLaVA's serving stack: controller, model worker, Gradio server.
+
+The three processes are upstream's own entry points, unchanged:
+
+    python -m llava.serve.controller        (routes requests to workers)
+    python -m llava.serve.model_worker      (loads the checkpoint; FEALLM is registered in
+                                             it by the installed autoload hook)
+    python -m llava.serve.gradio_web_server (the chat page; no model code)
+
+`start_stack(...)` starts them on free ports, waits (bounded) until each answers, and
+returns a `Stack` whose `stop()` ends every process group; `launch/serve.sh` and the tests
+use it, and `python -m feallm_llava.serve.stack --model-path P` runs it in the foreground
+until Ctrl-C.
+
+Every server binds to 127.0.0.1 unless the caller asks for another host: gradio 4.16.0 (the
+version upstream's UI needs) has published path-traversal advisories that are fixed only
+in much later releases, so exposing it to a network is an explicit choice that prints
+`EXPOSURE_WARNING`.
+
+Each process runs in its own session (process group) with its working directory in
+`log_dir`: upstream writes its log files (`controller.log`, `model_worker_<id>.log`,
+`gradio_web_server.log`, `serve_images/`) into the current directory, and stdout+stderr
+of each process go to `<log_dir>/<name>.out`. Start-up takes ~10-15 s per process on a
+CPU machine (importing torch and transformers); the controller comes first because the
+worker registers with it and the Gradio server asks it for the model list, then worker
+and Gradio start side by side (`--model-list-mode reload`: the page asks the controller
+for models on every load, so a worker registered later still shows up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOCALHOST = "127.0.0.1"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+EXPOSURE_WARNING = (
+    "WARNING: serving on {host}, reachable from other machines. Upstream LLaVA's web UI "
+    "needs gradio 4.16.0, which has published path-traversal advisories (files on this "
+    "machine can be read through crafted URLs) fixed only in much later gradio releases. "
+    "Expose it only on a network you trust, or keep the default 127.0.0.1 and use an SSH "
+    "tunnel (ssh -L PORT:127.0.0.1:PORT host)."
+)
+
+# Bounded waits (seconds). Generous for a loaded 2-core CPU machine; a process that dies
+# ends the wait at once with the tail of its log.
+CONTROLLER_TIMEOUT = 180.0
+WORKER_TIMEOUT = 600.0
+WEB_TIMEOUT = 300.0
+STOP_GRACE = 5.0  # SIGTERM -> SIGKILL; the worker's heart-beat thread outlives uvicorn on SIGTERM
+
+
+class StackError(RuntimeError):
+    """A serving process failed to start or to answer; the message carries its log tail."""
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    """A TCP port that is free on `host` now (the OS picks it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def url_host(host: str) -> str:
+    """The address clients on this machine use for a server bound to `host`."""
+    if host in ("0.0.0.0", "", "::"):
+        return LOCALHOST
+    return f"[{host}]" if ":" in host else host
+
+
+def is_exposed(host: str) -> bool:
+    return host not in LOCAL_HOSTS
+
+
+def model_name_from_path(model_path: str) -> str:
+    """The name upstream's worker registers: the last path part (`a_checkpoint-N` for checkpoints)."""
+    parts = model_path.rstrip("/").split("/")
+    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
+        return parts[-2] + "_" + parts[-1]
+    return parts[-1]
+
+
+# ------------------------------------------------------------------------- processes
+
+@dataclass
+class Service:
+    """One started server: its process (leader of its own process group) and where it listens."""
+
+    name: str
+    process: subprocess.Popen
+    url: str
+    log: Path  # stdout + stderr of the process
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return "(no log written)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def command(module: str, args: list[str]) -> list[str]:
+    return [sys.executable, "-u", "-m", module, *args]
+
+
+def controller_args(host: str, port: int) -> list[str]:
+    return ["--host", host, "--port", str(port)]
+
+
+def worker_args(controller_url: str, model_path: str, *, model_base: str | None, model_name: str | None,
+                device: str, host: str, port: int) -> list[str]:
+    args = ["--host", host, "--port", str(port),
+            "--worker-address", f"http://{url_host(host)}:{port}",
+            "--controller-address", controller_url,
+            "--model-path", model_path, "--device", device]
+    if model_base:
+        args += ["--model-base", model_base]
+    if model_name:
+        args += ["--model-name", model_name]
+    return args
+
+
+def web_args(controller_url: str, *, host: str, port: int) -> list[str]:
+    return ["--host", host, "--port", str(port), "--controller-url", controller_url,
+            "--model-list-mode", "reload"]
+
+
+def _start(name: str, module: str, args: list[str], log_dir: Path, env: dict[str, str],
+           host: str, port: int) -> Service:
+    log = log_dir / f"{name}.out"
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            command(module, args),
+            cwd=log_dir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: stop() reaches every child
+        )
+    return Service(name, process, f"http://{url_host(host)}:{port}", log)
+
+
+def _signal_group(service: Service, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(service.process.pid, sig)  # pgid == pid: started with start_new_session
+
+
+def stop_services(services: list[Service], grace: float = STOP_GRACE) -> None:
+    """SIGTERM every process group, wait up to `grace` s in all, SIGKILL what is left, reap."""
+    for s in services:
+        _signal_group(s, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for s in services:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            s.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for s in services:
+        _signal_group(s, signal.SIGKILL)  # also children of an exited leader, if any
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            s.process.wait(timeout=10)
+
+
+def _post_json(url: str, payload: dict | None = None, timeout: float = 5.0):
+    import requests
+
+    r = requests.post(url, json=payload or {}, timeout=timeout)
+    r.raise_for_status()
+    return r.json()
+
+
+def _wait(service: Service, ready, timeout: float, what: str) -> None:
+    """Poll `ready()` until it is true; fail early if the process exits, or at `timeout`."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while True:
+        if not service.running:
+            raise StackError(f"{service.name} exited with code {service.process.returncode} before "
+                             f"{what}; log {service.log}:\n{service.log_tail()}")
+        try:
+            if ready():
+                return
+        except (requests.RequestException, ValueError, KeyError) as err:
+            last = f"{type(err).__name__}: {err}"
+        if time.monotonic() > deadline:
+            raise StackError(f"{service.name} at {service.url}: {what} did not happen within "
+                             f"{timeout:.0f} s (last: {last}); log {service.log}:\n{service.log_tail()}")
+        time.sleep(0.5)
+
+
+def start_controller(log_dir: Path, env: dict[str, str], host: str = LOCALHOST, port: int | None = None,
+                     timeout: float = CONTROLLER_TIMEOUT) -> Service:
+    port = port or free_port(host)
+    service = _start("controller", "llava.serve.controller", controller_args(host, port), log_dir, env, host, port)
+    try:
+        _wait(service, lambda: isinstance(_post_json(service.url + "/list_models").get("models"), list),
+              timeout, "answering /list_models")
+    except BaseException:
+        stop_services([service])
+        raise
+    return service
+
+
+def start_worker(controller_url: str, model_path: str, log_dir: Path, env: dict[str, str], *,
+                 model_base: str | None = None, model_name: str | None = None, device: str = "cpu",
+                 host: str = LOCALHOST, port: int | None = None, extra_args: list[str] = ()) -> Service:
+    port = port or free_port(host)
+    args = worker_args(controller_url, model_path, model_base=model_base, model_name=model_name,
+                       device=device, host=host, port=port)
+    return _start("model_worker", "llava.serve.model_worker", args + list(extra_args), log_dir, env, host, port)
+
+
+def wait_worker(worker: Service, controller_url: str, model_name: str, timeout: float = WORKER_TIMEOUT) -> None:
+    """Until the controller lists `model_name` and the worker answers its status."""
+    def ready() -> bool:
+        models = _post_json(controller_url + "/list_models")["models"]
+        return model_name in models and model_name in _post_json(worker.url + "/worker_get_status")["model_names"]
+
+    _wait(worker, ready, timeout, f"model {model_name!r} registered with the controller")
+
+
+def start_web(controller_url: str, log_dir: Path, env: dict[str, str], *, host: str = LOCALHOST,
+              port: int | None = None, extra_args: list[str] = ()) -> Service:
+    port = port or free_port(host)
+    args = web_args(controller_url, host=host, port=port)
+    return _start("gradio_web_server", "llava.serve.gradio_web_server", args + list(extra_args),
+                  log_dir, env, host, port)
+
+
+def wait_web(web: Service, timeout: float = WEB_TIMEOUT) -> None:
+    import requests
+
+    _wait(web, lambda: requests.get(web.url + "/", timeout=5).status_code == 200, timeout, "GET / = 200")
+
+
+# ------------------------------------------------------------------------- the stack
+
+@dataclass
+class Stack:
+    """Controller + worker (+ Gradio server). Use as a context manager, or call stop()."""
+
+    controller: Service
+    worker: Service
+    web: Service | None
+    model_name: str
+    log_dir: Path
+    services: list[Service] = field(default_factory=list)
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        stop_services(self.services, grace)
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def describe(self) -> str:
+        rows = [f"controller  {self.controller.url}", f"worker      {self.worker.url}  (model {self.model_name})"]
+        if self.web is not None:
+            rows.append(f"web UI      {self.web.url}")
+        rows.append(f"logs        {self.log_dir}")
+        return "\n".join(rows)
+
+
+def service_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from the UI process
+    return env
+
+
+def start_stack(model_path: str, *, model_base: str | None = None, model_name: str | None = None,
+                device: str = "cpu", host: str = LOCALHOST, web: bool = True,
+                controller_port: int | None = None, worker_port: int | None = None,
+                web_port: int | None = None, log_dir: str | os.PathLike | None = None,
+                env: dict[str, str] | None = None, extra_worker_args: list[str] = (),
+                extra_web_args: list[str] = (), worker_timeout: float = WORKER_TIMEOUT,
+                web_timeout: float = WEB_TIMEOUT) -> Stack:
+    """Start controller, then worker and (if `web`) the Gradio server; wait until all answer.
+
+    On any failure every process already started is stopped before the error propagates.
+    """
+    if is_exposed(host):
+        print(EXPOSURE_WARNING.format(host=host), file=sys.stderr)
+    if web:
+        _check_gradio()
+    log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="feallm-serve-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = log_dir.resolve()
+    env = service_env(env)
+    # the processes run in log_dir: a relative local path must not change meaning there
+    model_path, model_base = local_to_absolute(model_path), local_to_absolute(model_base)
+    name = model_name or model_name_from_path(model_path)
+    started: list[Service] = []
+    try:
+        controller = start_controller(log_dir, env, host, controller_port)
+        started.append(controller)
+        worker = start_worker(controller.url, model_path, log_dir, env, model_base=model_base,
+                              model_name=model_name, device=device, host=host, port=worker_port,
+                              extra_args=list(extra_worker_args))
+        started.append(worker)
+        web_service = None
+        if web:
+            web_service = start_web(controller.url, log_dir, env, host=host, port=web_port,
+                                    extra_args=list(extra_web_args))
+            started.append(web_service)
+        wait_worker(worker, controller.url, name, worker_timeout)
+        if web_service is not None:
+            wait_web(web_service, web_timeout)
+    except BaseException:
+        stop_services(started)
+        raise
+    return Stack(controller, worker, web_service, name, log_dir, started)
+
+
+def local_to_absolute(path: str | None) -> str | None:
+    """An existing local path made absolute; hub ids (and None) unchanged."""
+    if path is None or not os.path.exists(path):
+        return path
+    return os.path.abspath(path)
+
+
+def _check_gradio() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise StackError("the web UI needs gradio 4.16.0 (with fastapi 0.110.3): install the `serve` "
+                         "extra (pip install 'feallm-llava[serve]'), or pass --no-web")
+
+
+# ------------------------------------------------------------------------- command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path", required=True, help="LLaVA / FEALLM checkpoint directory (or hub id)")
+    parser.add_argument("--model-base", default=None, help="base LLM for LoRA / projector-only checkpoints")
+    parser.add_argument("--model-name", default=None,
+                        help="name the worker registers (default: the checkpoint directory name; "
+                             "upstream picks the conversation template from it, e.g. 'v1' -> llava_v1)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default: cpu)")
+    parser.add_argument("--host", default=os.environ.get("FEALLM_SERVE_HOST", LOCALHOST),
+                        help="address every server binds to (default 127.0.0.1, or $FEALLM_SERVE_HOST); "
+                             "0.0.0.0 exposes the stack to the network (see the warning it prints)")
+    parser.add_argument("--controller-port", type=int, default=None, help="default: a free port")
+    parser.add_argument("--worker-port", type=int, default=None, help="default: a free port")
+    parser.add_argument("--web-port", type=int, default=None, help="default: a free port")
+    parser.add_argument("--no-web", action="store_true", help="controller and worker only")
+    parser.add_argument("--log-dir", default=None, help="where logs go (default: a new temporary directory)")
+    parser.add_argument("--load-4bit", action="store_true", help="passed to the worker")
+    parser.add_argument("--load-8bit", action="store_true", help="passed to the worker")
+    parser.add_argument("--dry-run", action="store_true", help="print the three commands, start nothing")
+
+
+def dry_run(args: argparse.Namespace, extra_worker_args: list[str]) -> str:
+    """The commands `main` would run (ports shown as given, or as PORT when chosen at start)."""
+    import shlex
+
+    host = args.host
+    c_port, w_port, g_port = (args.controller_port or "PORT", args.worker_port or "PORT",
+                              args.web_port or "PORT")
+    controller_url = f"http://{url_host(host)}:{c_port}"
+    lines = [command("llava.serve.controller", controller_args(host, c_port)),
+             command("llava.serve.model_worker",
+                     worker_args(controller_url, local_to_absolute(args.model_path),
+                                 model_base=local_to_absolute(args.model_base),
+                                 model_name=args.model_name, device=args.device, host=host, port=w_port)
+                     + extra_worker_args)]
+    if not args.no_web:
+        lines.append(command("llava.serve.gradio_web_server", web_args(controller_url, host=host, port=g_port)))
+    return "\n".join(shlex.join(str(a) for a in line) for line in lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    extra_worker_args = [flag for flag, on in (("--load-4bit", args.load_4bit), ("--load-8bit", args.load_8bit)) if on]
+    if args.dry_run:
+        if is_exposed(args.host):
+            print(EXPOSURE_WARNING.format(host=args.host), file=sys.stderr)
+        print(dry_run(args, extra_worker_args))
+        return 0
+    try:
+        stack = start_stack(args.model_path, model_base=args.model_base, model_name=args.model_name,
+                            device=args.device, host=args.host, web=not args.no_web,
+                            controller_port=args.controller_port, worker_port=args.worker_port,
+                            web_port=args.web_port, log_dir=args.log_dir, extra_worker_args=extra_worker_args)
+    except StackError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(stack.describe(), flush=True)
+    print("serving; Ctrl-C stops all three", flush=True)
+    stopping = []
+
+    def _stop(signum, _frame):
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        while not stopping:
+            dead = [s for s in stack.services if not s.running]
+            if dead:
+                s = dead[0]
+                print(f"error: {s.name} exited with code {s.process.returncode}; log {s.log}:\n"
+                      f"{s.log_tail()}", file=sys.stderr)
+                return 1
+            time.sleep(1.0)
+        return 0
+    finally:
+        stack.stop()
+        print("stopped", flush=True)
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m feallm_llava.serve.stack", description=__doc__.split("\n")[0])
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))

@@ -1,0 +1,202 @@
+"""Upstream LLaVA's controller + model_worker + Gradio server with a FEALLM checkpoint.
+
+One stack (three processes started with upstream's own `python -m llava.serve.*` entry
+points, ~10-15 s each here) is shared by the module and stopped at its end. The worker
+sees the `feallm` projector only through the installed autoload hook. Offline, CPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from feallm_llava.serve import stack as serve
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_GRADIO = importlib.util.find_spec("gradio") is not None
+NO_GRADIO = "gradio 4.16.0 is not installed (the `serve` extra): the web UI part is skipped"
+
+
+def _service_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+               XDG_CACHE_HOME=str(tmp / "cache"),  # the UI's example images are written there
+               OMP_NUM_THREADS="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def checkpoint(kit, tmp_path_factory):
+    from feallm_llava.tinykit import build_llava
+
+    # "v1" in the name: upstream's UI and worker pick the llava_v1 template from the name
+    return build_llava(tmp_path_factory.mktemp("ckpt") / "feallm-llava-v1-tiny", kit)
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    st = serve.start_stack(str(checkpoint), device="cpu", web=HAS_GRADIO, log_dir=tmp / "logs",
+                           env=_service_env(tmp))
+    try:
+        yield st
+    finally:
+        st.stop()
+        for s in st.services:  # every process group is gone, none left behind
+            assert s.process.poll() is not None, f"{s.name} still running"
+            with pytest.raises(ProcessLookupError):
+                os.killpg(s.process.pid, 0)
+
+
+def _prompt(question: str) -> str:
+    from llava.conversation import conv_templates
+
+    conv = conv_templates["llava_v1"].copy()
+    conv.append_message(conv.roles[0], "<image>\n" + question)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+def _png_b64(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _generate(st, **overrides) -> tuple[list[dict], float]:
+    payload = {"model": st.model_name, "prompt": _prompt("Please describe the expression in this face."),
+               "images": [_png_b64(Image.new("RGB", (96, 80), (190, 140, 110)))],
+               "temperature": 0.0, "max_new_tokens": 12, "stop": "</s>"}
+    payload.update(overrides)
+    t0 = time.monotonic()
+    r = requests.post(st.worker.url + "/worker_generate_stream", json=payload, stream=True, timeout=120)
+    assert r.status_code == 200
+    chunks = [json.loads(c) for c in r.iter_lines(delimiter=b"\0") if c]
+    return chunks, time.monotonic() - t0
+
+
+def _worker_log(st) -> str:
+    return st.worker.log.read_text(encoding="utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------- worker
+
+def test_worker_registers_the_feallm_checkpoint_with_the_controller(served, checkpoint):
+    assert json.loads((checkpoint / "config.json").read_text())["mm_projector_type"] == "feallm"
+    models = requests.post(served.controller.url + "/list_models", timeout=10).json()["models"]
+    assert served.model_name == "feallm-llava-v1-tiny" and served.model_name in models
+    address = requests.post(served.controller.url + "/get_worker_address", json={"model": served.model_name},
+                            timeout=10).json()["address"]
+    assert address == served.worker.url
+
+
+def test_generate_stream_with_an_image_returns_generated_text(served):
+    chunks, _ = _generate(served)
+    assert chunks and all(c["error_code"] == 0 for c in chunks)
+    prompt = _prompt("Please describe the expression in this face.")
+    final = chunks[-1]["text"]
+    assert final.startswith(prompt) and len(final) > len(prompt)  # upstream returns prompt + answer
+    assert len(chunks) > 1  # streamed: one chunk per decoded piece
+
+
+def test_corrupt_image_gives_error_code_1_and_its_cause_in_the_worker_log(served):
+    chunks, _ = _generate(served, images=[base64.b64encode(b"GIF89a but not really").decode()])
+    assert chunks[-1]["error_code"] == 1
+    log = _worker_log(served)
+    assert "request image (base64)" in log and "not an image file" in log
+
+
+def test_failure_inside_the_generate_thread_is_reported_at_once_with_its_cause(served):
+    # An <image> in the prompt but no image: upstream embeds the placeholder id -200 and
+    # generate() fails in the worker's thread. Unmended, the client waited for the
+    # streamer's 15 s timeout and the log said only "Caught Unknown Error".
+    chunks, seconds = _generate(served, images=[])
+    assert chunks[-1]["error_code"] == 1
+    assert seconds < 10, f"error reported after {seconds:.1f} s"
+    log = _worker_log(served)
+    assert "generate() failed: IndexError" in log
+    assert "Caught ValueError: generation failed in the model: IndexError" in log
+
+
+def test_a_worker_whose_checkpoint_is_missing_fails_fast_with_the_reason(served, tmp_path):
+    env = _service_env(tmp_path)
+    missing = str(tmp_path / "no-such-llava-checkpoint")
+    worker = serve.start_worker(served.controller.url, missing, tmp_path, env, device="cpu")
+    try:
+        with pytest.raises(serve.StackError, match="exited with code") as err:
+            serve.wait_worker(worker, served.controller.url, "no-such-llava-checkpoint", timeout=300)
+        assert "no such model directory" in str(err.value)
+    finally:
+        serve.stop_services([worker])
+
+
+# ----------------------------------------------------------------------------- network exposure
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses with a LISTEN socket on `port` (Linux /proc/net/tcp, tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+                if len(address) == 8:
+                    found.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+                else:
+                    found.add(address)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
+def test_every_server_listens_on_loopback_only(served):
+    for s in served.services:
+        port = int(s.url.rsplit(":", 1)[1])
+        assert _listening_addresses(port) == {"127.0.0.1"}, s.name
+
+
+def test_serve_sh_binds_loopback_by_default_and_warns_when_exposed(tmp_path):
+    env = dict(os.environ)
+    env.pop("FEALLM_SERVE_HOST", None)
+    plain = subprocess.run(["bash", str(ROOT / "launch/serve.sh"), "--model-path", "m-llava", "--dry-run"],
+                           env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert plain.returncode == 0, plain.stderr
+    commands = plain.stdout.strip().splitlines()
+    assert [c.split(" -m ")[1].split()[0] for c in commands] == [
+        "llava.serve.controller", "llava.serve.model_worker", "llava.serve.gradio_web_server"]
+    assert all("--host 127.0.0.1" in c for c in commands) and "WARNING" not in plain.stderr
+
+    env.update(FEALLM_SERVE_HOST="0.0.0.0", FEALLM_MODEL_PATH="m-llava", FEALLM_DEVICE="cuda")
+    exposed = subprocess.run(["bash", str(ROOT / "launch/serve.sh"), "--dry-run"], env=env,
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert exposed.returncode == 0, exposed.stderr
+    assert "--host 0.0.0.0" in exposed.stdout and "--device cuda" in exposed.stdout
+    assert "WARNING" in exposed.stderr and "path-traversal" in exposed.stderr
+
+
+# ----------------------------------------------------------------------------- web UI
+
+@pytest.mark.skipif(not HAS_GRADIO, reason=NO_GRADIO)
+def test_gradio_page_answers_200(served):
+    r = requests.get(served.web.url + "/", timeout=30)
+    assert r.status_code == 200 and "<html" in r.text.lower()
+
+
+@pytest.mark.skipif(not HAS_GRADIO, reason=NO_GRADIO)
+def test_gradio_server_starts_with_feallm_example_faces_instead_of_missing_upstream_images(served):
+    config = requests.get(served.web.url + "/config", timeout=30).text
+    assert "synthetic_happiness" in config and "astronaut" in config
+    assert "extreme_ironing" not in config
