@@ -1,0 +1,161 @@
+"""FeallmProjector = LCA + MPP: what llava holds as `model.mm_projector` (paper Fig. 4).
+
+    TowerFeatures (deep, shallow layers, pixels, grid)
+      -> MPP(deep, shallow, F'_local)          (B, N, llm_hidden)    N = grid H * W
+      -> LCA(pixels).token                     (B, 1, llm_hidden)
+      -> concat                                (B, N + 1, llm_hidden)
+
+LLaVA's `encode_images` calls `mm_projector(vision_tower(images))`; FEALLM's tower returns
+`TowerFeatures` and this module turns it into LLM tokens (N MPP tokens, then the local
+token). With the LCA off it returns the N tokens only (`num_extra_tokens() == 0`).
+
+Warm start from LLaVA-1.5: an upstream `mlp2x_gelu` `mm_projector.bin` holds only
+`0.weight, 0.bias, 2.weight, 2.bias` (llava strips the `model.mm_projector.` prefix
+before calling `load_state_dict`; a leftover `...mm_projector.` prefix is stripped here
+too). `FeallmProjector.load_state_dict` recognises exactly that key set and loads it
+strictly into the MLP (`mpp.mlp.*`), leaving the LCA and MPP at their initialisation;
+the returned `missing_keys` lists those. Any other state dict (our own full one) loads
+through the ordinary `nn.Module.load_state_dict`, strict by default.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from feallm_llava.model.config import FeallmConfig
+from feallm_llava.model.lca import LocalClueAggregator
+from feallm_llava.model.mpp import MultiPerspectiveProjector
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_MLP_KEYS = frozenset({"0.weight", "0.bias", "2.weight", "2.bias"})
+
+
+@dataclass
+class TowerFeatures:
+    """What the FEALLM vision tower hands the projector (patch tokens only, no CLS)."""
+
+    deep: Tensor  # (B, N, C): hidden_states[mm_vision_select_layer], N = grid H * W
+    shallow: list[Tensor] = field(default_factory=list)  # L x (B, N, C): cfg.shallow_layers
+    pixels: Tensor | None = None  # (B, 3, H_img, W_img): normalised pixels the tower saw
+    grid: tuple[int, int] = (0, 0)  # patch grid (rows, cols), e.g. (24, 24) for ViT-L/14-336
+
+    def to(self, *args, **kwargs) -> TowerFeatures:
+        """Tensor.to on every tensor (device and/or dtype)."""
+        return TowerFeatures(
+            deep=self.deep.to(*args, **kwargs),
+            shallow=[s.to(*args, **kwargs) for s in self.shallow],
+            pixels=None if self.pixels is None else self.pixels.to(*args, **kwargs),
+            grid=tuple(self.grid),
+        )
+
+
+class FeallmProjector(nn.Module):
+    """LCA + MPP, `(TowerFeatures) -> (B, N + num_extra_tokens(), llm_hidden)`."""
+
+    def __init__(self, cfg: FeallmConfig, vision_hidden: int, llm_hidden: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision_hidden = vision_hidden
+        self.llm_hidden = llm_hidden
+        self.lca = (
+            LocalClueAggregator(cfg, llm_hidden, vision_hidden if cfg.uses_local_in_mpp else None)
+            if cfg.lca else None
+        )
+        self.mpp = MultiPerspectiveProjector(cfg, vision_hidden, llm_hidden)
+
+    @property
+    def mlp(self) -> nn.Sequential:
+        """The upstream-layout MLP (Linear, GELU, Linear) at the end of the MPP."""
+        return self.mpp.mlp
+
+    def num_extra_tokens(self) -> int:
+        """Tokens emitted beyond the N patch tokens: 1 (F_local) with the LCA, else 0."""
+        return 1 if self.lca is not None else 0
+
+    def forward(self, features: TowerFeatures) -> Tensor:
+        self._check(features)
+        dtype = self.mlp[0].weight.dtype
+        deep = features.deep.to(dtype)  # (B, N, C)
+        shallow = [s.to(dtype) for s in features.shallow] if self.cfg.mpp else []
+        local = self.lca(features.pixels) if self.lca is not None else None
+        tokens = self.mpp(
+            deep, shallow, tuple(features.grid), local.keys if local is not None else None
+        )  # (B, N, D)
+        if local is not None:
+            tokens = torch.cat([tokens, local.token.to(tokens.dtype)], dim=1)  # (B, N + 1, D)
+        return tokens
+
+    def _check(self, features: TowerFeatures) -> None:
+        if not isinstance(features, TowerFeatures):
+            raise TypeError(
+                f"FeallmProjector expects TowerFeatures from the FEALLM vision tower, got "
+                f"{type(features).__name__}; build the tower with mm_projector_type='feallm' "
+                "(feallm_llava.register()) so it returns deep + shallow features and pixels"
+            )
+        deep = features.deep
+        rows, cols = features.grid
+        if deep.dim() != 3 or deep.shape[-1] != self.vision_hidden or deep.shape[1] != rows * cols:
+            raise ValueError(
+                f"FeallmProjector: deep features must be (B, {rows}*{cols}, {self.vision_hidden}) "
+                f"for grid {tuple(features.grid)} and vision width {self.vision_hidden}, "
+                f"got {tuple(deep.shape)}"
+            )
+        if self.cfg.mpp:
+            want = len(self.cfg.shallow_layers)
+            if len(features.shallow) != want:
+                raise ValueError(
+                    f"FeallmProjector: expected {want} shallow layers {list(self.cfg.shallow_layers)} "
+                    f"(mm_feallm_shallow_layers), got {len(features.shallow)}"
+                )
+            for i, s in enumerate(features.shallow):
+                if s.shape != deep.shape:
+                    raise ValueError(
+                        f"FeallmProjector: shallow layer {self.cfg.shallow_layers[i]} has shape "
+                        f"{tuple(s.shape)}, expected the deep features' {tuple(deep.shape)}"
+                    )
+        if self.lca is not None:
+            px = features.pixels
+            if px is None or px.dim() != 4 or px.shape[1] != 3 or px.shape[0] != deep.shape[0]:
+                raise ValueError(
+                    f"FeallmProjector: the LCA needs pixels (B={deep.shape[0]}, 3, H, W), got "
+                    f"{None if px is None else tuple(px.shape)}"
+                )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load our own full state dict (strict by default), or warm-start the MLP.
+
+        A state dict whose keys are exactly upstream `mlp2x_gelu`'s `0.weight, 0.bias,
+        2.weight, 2.bias` (optionally behind a `...mm_projector.` prefix) is loaded
+        strictly into `mpp.mlp`; every other parameter keeps its initialisation and is
+        reported in `missing_keys`. A shape mismatch (another vision or LLM width) raises.
+        """
+        upstream = _upstream_mlp_state(state_dict)
+        if upstream is None:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        w0 = upstream["0.weight"]
+        if tuple(w0.shape) != tuple(self.mlp[0].weight.shape) or \
+                tuple(upstream["2.weight"].shape) != tuple(self.mlp[2].weight.shape):
+            raise ValueError(
+                "FeallmProjector: the upstream mlp2x_gelu projector maps "
+                f"{w0.shape[1]} -> {upstream['2.weight'].shape[0]}, this FEALLM projector's MLP "
+                f"maps {self.vision_hidden} -> {self.llm_hidden}; use an mm_projector.bin made "
+                "for the same vision tower and LLM"
+            )
+        self.mlp.load_state_dict(upstream, strict=True, assign=assign)
+        log.info("FeallmProjector: warm start of the MLP from an upstream mlp2x_gelu projector")
+        missing = [k for k in self.state_dict() if not k.startswith("mpp.mlp.")]
+        return _IncompatibleKeys(missing_keys=missing, unexpected_keys=[])
+
+
+def _upstream_mlp_state(state_dict) -> dict[str, Tensor] | None:
+    """The state dict re-keyed as `0.weight` ... when it is exactly an upstream mlp2x_gelu."""
+    keys = {k.rsplit("mm_projector.", 1)[-1]: k for k in state_dict}
+    if len(keys) != len(state_dict) or set(keys) != UPSTREAM_MLP_KEYS:
+        return None
+    return {k: state_dict[orig] for k, orig in keys.items()}

@@ -1,0 +1,103 @@
+"""Local Clue Aggregator (feallm_llava/model/lca.py), tiny dimensions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from feallm_llava.model.config import FeallmConfig
+from feallm_llava.model.lca import LocalClueAggregator, crop_boxes, crop_regions, region_names
+
+TINY = {"crop_size": 32, "lca_channels": 16, "lca_norm_groups": 4, "lca_heads": 2}
+LLM, VISION = 48, 32
+
+
+def make_lca(seed=0, **overrides) -> LocalClueAggregator:
+    torch.manual_seed(seed)
+    return LocalClueAggregator(FeallmConfig(**{**TINY, **overrides}), LLM, VISION)
+
+
+def test_crop_boxes_are_the_16_boxes_of_the_spec_on_a_non_square_image():
+    # H=336, W=280: half height 168, 3/4 height 252; half width 140, 3/4 width 210.
+    assert crop_boxes(336, 280) == [
+        # side, 1/2: top, bottom, left, right (side crops span the full other side)
+        (0, 0, 280, 168), (0, 168, 280, 336), (0, 0, 140, 336), (140, 0, 280, 336),
+        # side, 3/4
+        (0, 0, 280, 252), (0, 84, 280, 336), (0, 0, 210, 336), (70, 0, 280, 336),
+        # corner, 1/2: top-left, top-right, bottom-left, bottom-right (both fractions)
+        (0, 0, 140, 168), (140, 0, 280, 168), (0, 168, 140, 336), (140, 168, 280, 336),
+        # corner, 3/4
+        (0, 0, 210, 252), (70, 0, 280, 252), (0, 84, 210, 336), (70, 84, 280, 336),
+    ]
+
+
+def test_region_names_follow_crop_box_order_and_are_unique():
+    names = region_names()
+    assert len(names) == 16 == len(set(names))
+    assert names[0] == "top@side_half" and names[-1] == "bottom_right@corner_3q"
+
+
+def test_removing_a_crop_type_removes_its_four_regions():
+    cfg_types = ("side_half", "side_3q", "corner_3q")  # Fig. 5: corner_half removed
+    assert len(crop_boxes(56, 56, cfg_types)) == 12
+    lca = make_lca(crop_types=cfg_types)
+    out = lca(torch.randn(2, 3, 56, 56))
+    assert out.keys.shape == (2, 12, VISION) and out.token.shape == (2, 1, LLM)
+    assert lca.to_token.in_features == 12 * 16
+
+
+def test_lca_outputs_one_llm_token_and_one_vision_token_per_region():
+    out = make_lca()(torch.randn(2, 3, 56, 70))
+    assert out.token.shape == (2, 1, LLM)
+    assert out.keys.shape == (2, 16, VISION)
+    assert out.regions.shape == (2, 16, 16)
+
+
+def test_lca_without_vision_width_builds_no_local_key_head():
+    lca = LocalClueAggregator(FeallmConfig(**TINY), LLM, None)
+    assert lca.to_keys is None and lca(torch.randn(1, 3, 56, 56)).keys is None
+
+
+def test_crops_resize_every_box_to_crop_size_for_the_whole_batch():
+    pixels = torch.randn(3, 3, 84, 56)
+    boxes = crop_boxes(84, 56)
+    crops = crop_regions(pixels, boxes, 32)
+    assert crops.shape == (3, 16, 3, 32, 32)
+    # A constant image gives constant crops: the resize only re-samples the box.
+    flat = crop_regions(torch.full((1, 3, 84, 56), 0.25), boxes, 32)
+    torch.testing.assert_close(flat, torch.full_like(flat, 0.25))
+
+
+def test_changing_pixels_in_one_region_changes_only_the_crops_that_hold_them_and_f_local():
+    lca = make_lca().eval()
+    height = width = 56
+    pixels = torch.randn(1, 3, height, width)
+    edited = pixels.clone()
+    edited[:, :, 50:, 50:] += 3.0  # bottom-right corner only
+    boxes = crop_boxes(height, width)
+    before, after = crop_regions(pixels, boxes, 32), crop_regions(edited, boxes, 32)
+    for r, (x0, y0, x1, y1) in enumerate(boxes):
+        holds_edit = x1 > 50 and y1 > 50
+        assert torch.equal(before[:, r], after[:, r]) != holds_edit, region_names()[r]
+    with torch.no_grad():
+        assert not torch.allclose(lca(pixels).token, lca(edited).token)
+
+
+def test_lca_is_batch_independent_thanks_to_group_norm():
+    lca = make_lca().train()  # GroupNorm: same output in train mode, any batch size
+    pixels = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        batched = lca(pixels).token
+        single = torch.cat([lca(pixels[i:i + 1]).token for i in range(3)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_lca_runs_in_bf16():
+    lca = make_lca().to(torch.bfloat16)
+    out = lca(torch.randn(1, 3, 56, 56, dtype=torch.bfloat16))
+    assert out.token.dtype == torch.bfloat16 and torch.isfinite(out.token.float()).all()
+
+
+def test_lca_rejects_pixels_without_three_channels():
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        make_lca()(torch.randn(1, 1, 56, 56))
