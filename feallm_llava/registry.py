@@ -95,14 +95,42 @@ def _wrap_initialize(original):
 
     @functools.wraps(original)
     def initialize_vision_modules(self, model_args, fsdp=None):
-        if is_feallm(model_args):
-            # Upstream writes only its own mm_* fields; ours must reach config.json too.
-            for key, value in FeallmConfig.from_llava_config(model_args).to_llava_attrs().items():
-                setattr(self.config, key, value)
-        return original(self, model_args, fsdp=fsdp)
+        if not is_feallm(model_args):
+            return original(self, model_args, fsdp=fsdp)
+        # Upstream writes only its own mm_* fields; ours must reach config.json too.
+        for key, value in FeallmConfig.from_llava_config(model_args).to_llava_attrs().items():
+            setattr(self.config, key, value)
+        warm_mlp = _drop_upstream_modules(self)
+        result = original(self, model_args, fsdp=fsdp)
+        if warm_mlp is not None and getattr(model_args, "pretrain_mm_mlp_adapter", None) is None:
+            self.mm_projector.load_state_dict(warm_mlp)  # LLaVA-1.5's MLP as the warm start
+            log.info("FEALLM projector: MLP warm-started from the checkpoint's mlp2x_gelu projector")
+        return result
 
     initialize_vision_modules.__feallm__ = True
     return initialize_vision_modules
+
+
+def _drop_upstream_modules(model):
+    """Starting FEALLM from a LLaVA checkpoint (e.g. llava-v1.5-7b, as the paper does):
+    upstream would keep the checkpoint's CLIP tower and mlp2x_gelu projector and silently
+    train plain LLaVA. Drop both so FEALLM's are built; return the old MLP's weights
+    (keys 0.*, 2.*) for the warm start, or None."""
+    from feallm_llava.model.projector import FeallmProjector
+    from feallm_llava.model.tower import FeallmVisionTower
+
+    warm = None
+    old = getattr(model, "mm_projector", None)
+    if old is not None and not isinstance(old, FeallmProjector):
+        state = old.state_dict()
+        if set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}:
+            warm = {k: v.detach().clone() for k, v in state.items()}
+        model.mm_projector = None
+    tower = getattr(model, "vision_tower", None)
+    tower = tower[0] if isinstance(tower, list) else tower
+    if tower is not None and not isinstance(tower, FeallmVisionTower):
+        model.vision_tower = None
+    return warm
 
 
 def _hook_builders(module: ModuleType) -> None:

@@ -15,6 +15,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 OUT="${OUT:-$root/runs/tiny}"
 KIT="${KIT:-$OUT/kit}"
 DATA="${DATA:-$OUT/data}"
+MODEL="${MODEL:-$KIT/llm}"           # the LLM (model_name_or_path)
+VISION="${VISION:-$KIT/clip}"        # the CLIP tower
 STAGE1_JSON="${STAGE1_JSON:-$DATA/pretrain.json}"
 STAGE2_JSON="${STAGE2_JSON:-$DATA/finetune.json}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA/images}"
@@ -39,7 +41,7 @@ if [ ! -f "$STAGE1_JSON" ] || [ ! -f "$KIT/kit.json" ]; then
 fi
 
 common=(
-  --vision_tower "$KIT/clip" --mm_projector_type "$PROJECTOR" $FEALLM_FLAGS
+  --vision_tower "$VISION" --mm_projector_type "$PROJECTOR" $FEALLM_FLAGS
   --mm_vision_select_layer -2 --mm_use_im_start_end False --mm_use_im_patch_token False
   --image_folder "$IMAGE_FOLDER" --image_aspect_ratio pad --lazy_preprocess True
   --per_device_train_batch_size "$BATCH" --gradient_accumulation_steps 1
@@ -51,17 +53,17 @@ common=(
 
 if [[ " $STAGES " == *" 1 "* ]] && [ ! -f "$STAGE1_DIR/mm_projector.bin" ]; then
   echo "[tiny] stage 1: projector alignment -> $STAGE1_DIR"
-  "$PY" -m llava.train.train_mem --model_name_or_path "$KIT/llm" --version plain \
+  "$PY" -m llava.train.train_mem --model_name_or_path "$MODEL" --version plain \
     --data_path "$STAGE1_JSON" --tune_mm_mlp_adapter True --learning_rate "$LR1" \
     --max_steps "$STEPS1" --output_dir "$STAGE1_DIR" "${common[@]}" ${STAGE1_ARGS:-}
 fi
 
 if [[ " $STAGES " == *" 2 "* ]] && [ ! -f "$STAGE2_DIR/non_lora_trainables.bin" ]; then
   echo "[tiny] stage 2: LoRA finetune -> $STAGE2_DIR"
-  "$PY" -m llava.train.train_mem --model_name_or_path "$KIT/llm" --version v1 \
+  "$PY" -m llava.train.train_mem --model_name_or_path "$MODEL" --version v1 \
     --data_path "$STAGE2_JSON" --pretrain_mm_mlp_adapter "$STAGE1_DIR/mm_projector.bin" \
     --lora_enable True --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --mm_projector_lr "$PROJ_LR" \
     --learning_rate "$LR2" --max_steps "$STEPS2" --output_dir "$STAGE2_DIR" "${common[@]}" ${STAGE2_ARGS:-}
 fi
 echo "[tiny] stage 1: $STAGE1_DIR"
-echo "[tiny] stage 2: $STAGE2_DIR  (load with model_base=$KIT/llm)"
+echo "[tiny] stage 2: $STAGE2_DIR  (load with model_base=$MODEL)"

@@ -189,3 +189,20 @@ def test_run_wrapper_registers_for_any_module(kit, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("FeallmProjector")
+
+
+def test_feallm_from_a_llava_checkpoint_replaces_its_projector(kit, tmp_path):
+    """The paper starts from LLaVA-1.5: its mlp2x_gelu becomes the FEALLM MLP's warm start."""
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+
+    from feallm_llava.model.projector import FeallmProjector
+    from feallm_llava.tinykit import llava_model_args
+
+    path = build_llava(tmp_path / "llava-15-like", kit, "mlp2x_gelu")
+    model = LlavaLlamaForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
+    old_mlp = {k: v.clone() for k, v in model.get_model().mm_projector.state_dict().items()}
+    model.get_model().initialize_vision_modules(model_args=llava_model_args(kit, "feallm", **SMALL))
+    projector = model.get_model().mm_projector
+    assert isinstance(projector, FeallmProjector) and model.config.mm_projector_type == "feallm"
+    assert all(torch.equal(projector.mlp.state_dict()[k], v) for k, v in old_mlp.items())
+    assert model.get_vision_tower()(_image(kit)).shallow

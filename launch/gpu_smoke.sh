@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# GPU smoke test of the training path (issue 4, item 7), a few minutes on one GPU: the
+# two FEALLM stages on the offline tiny kit through the same launch the 7B recipe uses
+# (`deepspeed --num_gpus 1 --module llava.train.train_mem`, launch/zero2.json, bf16,
+# gradient checkpointing, flash-attn when installed else sdpa), then upstream's loader on
+# the LoRA checkpoint with device='cuda' and a generation, then the projector benchmark on
+# the GPU. Prints one PASS/FAIL (or SKIP) line per step; exits 1 when any step fails.
+#
+#   bash launch/gpu_smoke.sh                  # writes runs/gpu_smoke/
+#   OUT=/tmp/smoke ZERO=3 bash launch/gpu_smoke.sh
+#   DEVICE=cpu bash launch/gpu_smoke.sh       # check the script itself without a GPU:
+#                                             # plain python, fp32, no DeepSpeed (slow)
+#
+# Environment: OUT (runs/gpu_smoke), PY (.venv python), STEPS (4 per stage), ZERO (2),
+# DEVICE (cuda), BUDGET_S (300: the time step fails above it), DEEPSPEED (launcher).
+# Each run retrains from scratch (the stage folders are replaced; the kit is reused).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PY:-$root/.venv/bin/python}"
+[ -x "$PY" ] || PY="$(command -v python3 || command -v python)"
+OUT="${OUT:-$root/runs/gpu_smoke}"
+STEPS="${STEPS:-4}"
+ZERO="${ZERO:-2}"
+DEVICE="${DEVICE:-cuda}"
+BUDGET_S="${BUDGET_S:-300}"
+KIT="$OUT/kit"
+DATA="$OUT/data"
+STAGE1="$OUT/llava-tiny-feallm-pretrain"
+STAGE2="$OUT/llava-tiny-feallm-lora"   # "llava" + "lora": upstream's loader merges LoRA
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+cd "$root"
+mkdir -p "$OUT"
+
+failures=0
+start_all=$SECONDS
+result() {  # result STATUS NAME [DETAIL]
+  printf '%-4s %-10s %s\n' "$1" "$2" "${3:-}"
+  [ "$1" != FAIL ] || failures=$(( failures + 1 ))
+}
+# step NAME CMD...: run, log to $OUT/NAME.log, PASS/FAIL with its duration.
+step() {
+  local name="$1" t0=$SECONDS rc=0
+  shift
+  echo "---- $name: $*" >"$OUT/$name.log"
+  "$@" >>"$OUT/$name.log" 2>&1 || rc=$?
+  if (( rc == 0 )); then
+    result PASS "$name" "$(( SECONDS - t0 ))s"
+  else
+    result FAIL "$name" "$(( SECONDS - t0 ))s, exit $rc; last lines of $OUT/$name.log:"
+    tail -n 25 "$OUT/$name.log" | sed 's/^/     | /'
+    return 1
+  fi
+}
+
+# -- environment --------------------------------------------------------------------
+info="$("$PY" - "$DEVICE" <<'EOF' 2>&1
+import importlib.util, sys
+import torch
+device = sys.argv[1]
+if device == "cuda":
+    if not torch.cuda.is_available():
+        sys.exit(f"torch {torch.__version__}: CUDA is not available (DEVICE=cpu checks the script without a GPU)")
+    name = torch.cuda.get_device_name(0)
+    bf16 = torch.cuda.is_bf16_supported()
+else:
+    name, bf16 = "cpu", False
+flash = importlib.util.find_spec("flash_attn") is not None and device == "cuda"
+print(f"torch {torch.__version__}, {name}, bf16 {'yes' if bf16 else 'no'}, "
+      f"attention {'flash_attention_2' if flash else 'sdpa (flash-attn not installed)'}")
+print("BF16=" + ("1" if bf16 else "0"))
+EOF
+)" && env_ok=1 || env_ok=0
+if ((env_ok)); then
+  result PASS env "$(head -n 1 <<<"$info")"
+else
+  result FAIL env "$info"
+  echo "FAIL gpu smoke: no usable $DEVICE"
+  exit 1
+fi
+bf16=0; grep -q '^BF16=1' <<<"$info" && bf16=1
+
+# -- launcher: deepspeed (one process, one GPU) or plain python -------------------------
+DEEPSPEED="${DEEPSPEED:-}"
+if [ -z "$DEEPSPEED" ]; then
+  if [ -x "$(dirname "$PY")/deepspeed" ]; then DEEPSPEED="$(dirname "$PY")/deepspeed"
+  else DEEPSPEED="$(command -v deepspeed || true)"; fi
+fi
+port="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+device_args=()
+if [ "$DEVICE" = cpu ]; then
+  launch=("$PY" -m llava.train.train_mem)
+  device_args=(--use_cpu True)
+  result SKIP deepspeed "DEVICE=cpu: plain python, fp32"
+elif [ -n "$DEEPSPEED" ]; then
+  launch=("$DEEPSPEED" --num_gpus 1 --master_port "$port" --module llava.train.train_mem)
+  device_args=(--deepspeed "$root/launch/zero$ZERO.json")
+  result PASS deepspeed "launcher $DEEPSPEED, ZeRO-$ZERO"
+else
+  # No launcher: one plain process; DeepSpeed (when importable) still runs in-process.
+  launch=(env RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT="$port"
+          "$PY" -m llava.train.train_mem)
+  if "$PY" -c 'import deepspeed' >/dev/null 2>&1; then
+    device_args=(--deepspeed "$root/launch/zero$ZERO.json")
+    result SKIP deepspeed "no deepspeed launcher on PATH: plain python with ZeRO-$ZERO in-process"
+  else
+    result SKIP deepspeed "deepspeed not installed: plain python without DeepSpeed"
+  fi
+fi
+# bf16 as the 7B recipe; GPUs without it (pre-Ampere) train in fp16 with loss scaling
+if ((bf16)); then device_args+=(--bf16 True); elif [ "$DEVICE" != cpu ]; then device_args+=(--fp16 True); fi
+
+# -- tiny kit, stage 1, stage 2 ---------------------------------------------------------
+common=(
+  --vision_tower "$KIT/clip" --mm_projector_type feallm
+  --mm_feallm_crop_size 32 --mm_feallm_mpp_dim 0
+  --mm_vision_select_layer -2 --mm_use_im_start_end False --mm_use_im_patch_token False
+  --image_folder "$DATA/images" --image_aspect_ratio pad --lazy_preprocess True
+  --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --num_train_epochs 1
+  --max_steps "$STEPS" --save_strategy steps --save_steps 2 --save_total_limit 1
+  --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps 1
+  --model_max_length 512 --gradient_checkpointing True --dataloader_num_workers 0
+  --report_to none --seed 0 --data_seed 0 "${device_args[@]}"
+)
+step kit "$PY" -m feallm_llava.cli tiny-kit --out "$KIT" --sample-data "$DATA" || true
+
+check_stage1() {
+  "$PY" - "$STAGE1" <<'EOF'
+import sys
+from pathlib import Path
+import torch
+from feallm_llava.checkpoint import load_weights
+run = Path(sys.argv[1])
+saved = torch.load(run / "mm_projector.bin", weights_only=True)
+twin = load_weights(run / "mm_projector.safetensors")
+assert any(".lca." in k for k in saved) and any(".mpp." in k for k in saved), sorted(saved)[:8]
+assert set(twin) == set(saved) and all(torch.equal(twin[k], saved[k]) for k in saved), "safetensors twin differs"
+print(f"mm_projector.bin: {len(saved)} tensors (LCA + MPP), safetensors twin equal")
+EOF
+}
+check_stage2() {
+  "$PY" - "$STAGE2" <<'EOF'
+import sys
+from pathlib import Path
+import torch
+run = Path(sys.argv[1])
+assert (run / "adapter_model.safetensors").is_file() or (run / "adapter_model.bin").is_file(), "no LoRA adapter"
+non_lora = torch.load(run / "non_lora_trainables.bin", weights_only=True)
+assert any("mm_projector.lca." in k for k in non_lora) and any("mm_projector.mpp." in k for k in non_lora)
+assert not any("lora_" in k or "base_layer" in k for k in non_lora), "LoRA wrapped the projector"
+assert (run / "non_lora_trainables.safetensors").is_file(), "no non_lora_trainables.safetensors twin"
+print(f"adapter + non_lora_trainables.bin: {len(non_lora)} projector tensors")
+EOF
+}
+
+if [ -f "$KIT/kit.json" ]; then
+  rm -rf "$STAGE1" "$STAGE2"
+  if step stage1 "${launch[@]}" --model_name_or_path "$KIT/llm" --version plain \
+       --data_path "$DATA/pretrain.json" --tune_mm_mlp_adapter True --learning_rate 1e-3 \
+       --output_dir "$STAGE1" "${common[@]}"; then
+    step stage1-out check_stage1 || true
+  fi
+  if [ -f "$STAGE1/mm_projector.bin" ]; then
+    if step stage2 "${launch[@]}" --model_name_or_path "$KIT/llm" --version v1 \
+         --data_path "$DATA/finetune.json" --pretrain_mm_mlp_adapter "$STAGE1/mm_projector.bin" \
+         --lora_enable True --lora_r 16 --lora_alpha 32 --mm_projector_lr 2e-5 \
+         --learning_rate 2e-4 --group_by_modality_length True \
+         --output_dir "$STAGE2" "${common[@]}"; then
+      step stage2-out check_stage2 || true
+    fi
+  else
+    result SKIP stage2 "no stage-1 projector"
+  fi
+else
+  result SKIP stage1 "no tiny kit"
+  result SKIP stage2 "no tiny kit"
+fi
+
+# -- upstream's loader on the LoRA checkpoint, on the device, and a generation ----------
+load_and_generate() {
+  "$PY" - "$STAGE2" "$KIT/llm" "$DEVICE" <<'EOF'
+import sys
+from pathlib import Path
+import torch
+from PIL import Image
+from llava.conversation import conv_templates
+from llava.mm_utils import process_images, tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+
+run, base, device = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+# device_map as a plain string: upstream also moves the tower with `.to(device=device_map)`
+tokenizer, model, processor, _ = load_pretrained_model(str(run), base, run.name, device=device, device_map=device)
+assert type(model.get_model().mm_projector).__name__ == "FeallmProjector", type(model.get_model().mm_projector)
+state = model.state_dict()
+saved = torch.load(run / "non_lora_trainables.bin", weights_only=True)
+for key, value in saved.items():
+    mine = key.replace("base_model.model.", "", 1)
+    assert torch.equal(state[mine].cpu(), value.to(state[mine].dtype)), f"projector tensor {mine} not restored"
+conv = conv_templates["v1"].copy()
+conv.append_message(conv.roles[0], "<image>\nPlease describe the expression in this face.")
+conv.append_message(conv.roles[1], None)
+ids = tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt").unsqueeze(0).to(device)
+images = process_images([Image.new("RGB", (60, 40), (200, 30, 30))], processor, model.config)
+with torch.inference_mode():
+    out = model.generate(ids, images=images.to(device, model.dtype), do_sample=False,
+                         max_new_tokens=8, min_new_tokens=8)
+print(f"device {next(model.parameters()).device}, dtype {model.dtype}, {len(saved)} projector tensors "
+      f"restored; generated: {tokenizer.decode(out[0], skip_special_tokens=True)!r}")
+EOF
+}
+if [ -f "$STAGE2/non_lora_trainables.bin" ]; then
+  step load load_and_generate && tail -n 1 "$OUT/load.log" | sed 's/^/     | /' || true
+else
+  result SKIP load "no stage-2 checkpoint"
+fi
+
+# -- projector benchmark on the device ---------------------------------------------------
+# the bench spells its dtypes bfloat16 / float16 / float32 (not bf16)
+if ((bf16)); then bench_args=(--device "$DEVICE" --dtype bfloat16)
+elif [ "$DEVICE" != cpu ]; then bench_args=(--device "$DEVICE" --dtype float16)
+else bench_args=(--device cpu --dtype float32 --reps 1 --warmup 0); fi
+step bench "$PY" -m feallm_llava.bench projector "${bench_args[@]}" \
+  && grep -E '^(FEALLM projector|CLIP)' "$OUT/bench.log" | sed 's/^/     | /' || true
+
+elapsed=$(( SECONDS - start_all ))
+if (( elapsed <= BUDGET_S )); then result PASS time "${elapsed}s (budget ${BUDGET_S}s)"
+else result FAIL time "${elapsed}s (over the ${BUDGET_S}s budget)"; fi
+if (( failures )); then echo "FAIL gpu smoke: $failures step(s) failed (logs in $OUT)"; exit 1; fi
+echo "PASS gpu smoke (logs in $OUT)"
