@@ -1,78 +1,266 @@
-"""`feallm demo`: the offline end-to-end smoke run (what `bash launch/demo.sh` runs).
+"""`feallm demo`: the offline end-to-end FEALLM run on synthetic FACS faces.
 
-Builds the tiny kit, trains FEALLM's two stages through upstream LLaVA's own train
-script (`launch/tiny_cpu.sh`: `python -m llava.train.train_mem --mm_projector_type
-feallm`), loads the LoRA checkpoint with upstream's `load_pretrained_model` and asks it
-about an image. The model is tiny and random: this shows the machinery working, not
-facial-emotion skill. Every stage's time is printed.
+What `bash launch/demo.sh` runs. On data where the truth is known, through the real
+components:
+
+  1. synthetic   faces drawn from FACS AUs, written in Aff-Wild2's native layout
+  2. dataset     `feallm build-dataset --annotator template` (the real reader + builder)
+  3. kit         the offline tiny kit (tokenizer, Llama, 24-layer CLIP)
+  4. warmup      text-only warm-up of the tiny random LLM (stands in for Vicuna's
+                 pretraining; it never sees an image)
+  5. stage1      `llava.train.train_mem --mm_projector_type feallm --tune_mm_mlp_adapter`
+                 on LCS-558K-style captions of the training faces
+  6. stage2      the same script with LoRA on the FEA instruction set
+  7. eval        `feallm eval --bench feabench` on held-out subjects
+  8. score       `feallm score`: table, confusion matrix, per-AU F1 plot
+  9. analyze     `feallm analyze` on a held-out face and on a real photo (astronaut)
+
+Every stage leaves a marker; an interrupted run continues with `--resume` from the last
+finished stage. Every number printed is a result of this run on synthetic data, never
+a paper figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = "feallm_demo.json"
+BANNER = "SYNTHETIC-DATA RESULT OF THIS RUN (tiny model, toy scale; not a paper figure)"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    subjects: int = 24
+    frames: int = 40
+    image_size: int = 112
+    train_size: int = 720
+    eval_size: int = 160
+    warmup_steps: int = 150
+    steps1: int = 60
+    steps2: int = 250
+    batch: int = 8
+    lora_r: int = 64
+    lr2: float = 2e-3
+    projector_lr: float = 1e-3
+    eval_max_new_tokens: int = 48
+    llm: str = "tiny"
+    compare_baseline: bool = False
+    seed: int = 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DemoConfig()
     parser.add_argument("--out", default=str(ROOT / "runs" / "demo"), help="run directory (default runs/demo)")
-    parser.add_argument("--steps", type=int, default=4, help="training steps per stage")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    parser.add_argument("--subjects", type=int, default=d.subjects, help="synthetic identities")
+    parser.add_argument("--frames", type=int, default=d.frames, help="frames per identity")
+    parser.add_argument("--steps", default=f"{d.warmup_steps},{d.steps1},{d.steps2}",
+                        help="warm-up,stage-1,stage-2 training steps")
+    parser.add_argument("--llm", choices=["tiny"], default=d.llm,
+                        help="the LLM: the offline tiny kit's Llama (text-warmed)")
+    parser.add_argument("--compare-baseline", action="store_true",
+                        help="also train upstream's mlp2x_gelu projector with the same budget")
+    parser.add_argument("--seed", type=int, default=d.seed)
 
 
-class Stages:
-    def __init__(self) -> None:
-        self.times: list[tuple[str, float]] = []
+class Run:
+    """The run directory: manifest, stage markers, timings."""
 
-    def run(self, name: str, fn):
-        print(f"== {name}", flush=True)
+    def __init__(self, out: Path, cfg: DemoConfig, resume: bool):
+        self.out, self.cfg = out, cfg
+        self.times: list[tuple[str, float, bool]] = []
+        manifest = out / MANIFEST
+        want = asdict(cfg)
+        if manifest.exists():
+            have = json.loads(manifest.read_text())
+            if have != want:
+                diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+                raise SystemExit(f"feallm demo: {out} holds a run with other settings {diff} "
+                                 "(was, now); choose another --out or delete that directory")
+            if not resume and not self.done("analyze"):
+                raise SystemExit(f"feallm demo: {out} holds an unfinished run with these settings; "
+                                 "pass --resume to continue it from its last finished stage")
+        elif out.exists() and any(out.iterdir()):
+            raise SystemExit(f"feallm demo: {out} is not empty and holds no demo run; "
+                             "choose another --out (nothing was written)")
+        out.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps(want, indent=2))
+
+    def marker(self, name: str) -> Path:
+        return self.out / ".stages" / f"{name}.done"
+
+    def done(self, name: str) -> bool:
+        return self.marker(name).exists()
+
+    def stage(self, name: str, title: str, fn) -> None:
+        if self.done(name):
+            print(f"== [{name}] {title}: done in an earlier run, skipped", flush=True)
+            self.times.append((name, float(json.loads(self.marker(name).read_text())["seconds"]), True))
+            return
+        print(f"== [{name}] {title}", flush=True)
         start = time.perf_counter()
-        result = fn()
-        self.times.append((name, time.perf_counter() - start))
-        print(f"   done in {self.times[-1][1]:.1f} s", flush=True)
-        return result
+        fn()
+        seconds = time.perf_counter() - start
+        self.marker(name).parent.mkdir(exist_ok=True)
+        self.marker(name).write_text(json.dumps({"seconds": seconds}))
+        self.times.append((name, seconds, False))
+        print(f"   [{name}] done in {seconds:.1f} s", flush=True)
 
 
-def _train(out: Path, steps: int) -> None:
-    env = {**os.environ, "OUT": str(out), "PY": sys.executable, "STEPS1": str(steps), "STEPS2": str(steps)}
+def _cli(*argv: str) -> None:
+    from feallm_llava.cli import main
+
+    code = main([str(a) for a in argv])
+    if code:
+        raise SystemExit(f"feallm demo: `feallm {' '.join(map(str, argv))}` failed with exit code {code}")
+
+
+def _write_captions(aw: Path, train_json: Path, out_json: Path) -> None:
+    """Stage-1 data in LCS-558K's format: one caption per training face."""
+    from feallm_llava.data.affwild2 import read_affwild2
+    from feallm_llava.data.synthetic import caption
+
+    images_root = aw / "cropped_aligned"
+    wanted = {s["image"] for s in json.loads(train_json.read_text())}
+    samples = []
+    for rec in read_affwild2(aw):
+        rel = Path(rec.image).relative_to(images_root).as_posix()
+        if rel in wanted and rec.expression is not None:
+            samples.append({"id": f"cap-{rec.id}", "image": rel, "conversations": [
+                {"from": "human", "value": "<image>\n"},
+                {"from": "gpt", "value": caption(rec.active_aus, rec.expression)}]})
+    out_json.write_text(json.dumps(samples))
+
+
+def _train(run: Run, projector: str, stages: str) -> None:
+    c = run.cfg
+    out = run.out
+    env = {
+        **os.environ, "OUT": str(out / "train"), "KIT": str(out / "kit"), "PY": sys.executable,
+        "MODEL": str(out / "llm"), "DATA": str(out / "fea"),
+        "STAGE1_JSON": str(out / "fea" / "pretrain.json"), "STAGE2_JSON": str(out / "fea" / "train.json"),
+        "IMAGE_FOLDER": str(out / "affwild2" / "cropped_aligned"), "STAGES": stages,
+        "STEPS1": str(c.steps1), "STEPS2": str(c.steps2), "BATCH": str(c.batch),
+        "LORA_R": str(c.lora_r), "LORA_ALPHA": str(2 * c.lora_r), "LR2": str(c.lr2),
+        "PROJ_LR": str(c.projector_lr), "SAVE_STEPS": str(max(c.steps1, c.steps2) // 2 or 1),
+        "PROJECTOR": projector,
+    }
     subprocess.run(["bash", str(ROOT / "launch" / "tiny_cpu.sh")], env=env, check=True)
 
 
-def _ask(out: Path) -> str:
-    import torch
+def _checkpoint(run: Run, projector: str) -> Path:
+    return run.out / "train" / f"llava-tiny-{projector}-lora"
+
+
+def _eval(run: Run, projector: str) -> None:
+    out = run.out / "eval" / projector
+    _cli("eval", "--bench", "feabench", "--data", run.out / "fea" / "eval.json",
+         "--image-folder", run.out / "affwild2" / "cropped_aligned",
+         "--model-path", _checkpoint(run, projector), "--model-base", run.out / "llm",
+         "--conv-mode", "llava_v1", "--device", "cpu", "--batch-size", "8",
+         "--max-new-tokens", run.cfg.eval_max_new_tokens, "--seed", run.cfg.seed, "--out", out)
+
+
+def _names(run: Run) -> list[tuple[str, str]]:
+    rows = [("feallm", "FEALLM (tiny, synthetic)")]
+    if run.cfg.compare_baseline:
+        rows.insert(0, ("mlp2x_gelu", "LLaVA mlp2x_gelu w/ LoRA (tiny, synthetic)"))
+    return rows
+
+
+def _score(run: Run) -> None:
+    rows = _names(run)
+    _cli("score", *[run.out / "eval" / p / "predictions.jsonl" for p, _ in rows],
+         "--out", run.out / "report", "--name", *[n for _, n in rows])
+
+
+def _analyze(run: Run) -> None:
+    eval_items = json.loads((run.out / "fea" / "eval.json").read_text())
+    face = run.out / "affwild2" / "cropped_aligned" / eval_items[0]["image"]
+    common = ["--model-path", _checkpoint(run, "feallm"), "--model-base", run.out / "llm",
+              "--conv-mode", "llava_v1", "--device", "cpu", "--max-new-tokens", "48", "--no-progress"]
+    _cli("analyze", face, "--no-detect", "--out", run.out / "analyze" / "held_out_face.csv", *common)
+    try:
+        from skimage import data as skdata
+    except ImportError:
+        print("   scikit-image is not installed: skipping the astronaut photo (pip install scikit-image)")
+        return
     from PIL import Image
 
-    from llava.conversation import conv_templates
-    from llava.mm_utils import process_images, tokenizer_image_token
-    from llava.model.builder import load_pretrained_model
+    photo = run.out / "analyze" / "astronaut.png"
+    Image.fromarray(skdata.astronaut()).save(photo)
+    _cli("analyze", photo, "--out", run.out / "analyze" / "astronaut.csv",
+         "--annotate", run.out / "analyze" / "astronaut_annotated.png", *common)
 
-    run = out / "llava-tiny-feallm-lora"
-    tokenizer, model, processor, _ = load_pretrained_model(
-        str(run), str(out / "kit" / "llm"), run.name, device="cpu", device_map="cpu")
-    conv = conv_templates["v1"].copy()
-    conv.append_message(conv.roles[0], "<image>\nPlease describe the expression in this face.")
-    conv.append_message(conv.roles[1], None)
-    ids = tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt").unsqueeze(0)
-    image = Image.open(out / "data" / "images" / "000.jpg").convert("RGB")
-    with torch.inference_mode():
-        answer = model.generate(ids, images=process_images([image], processor, model.config).to(model.dtype),
-                                do_sample=False, max_new_tokens=16)
-    return tokenizer.decode(answer[0], skip_special_tokens=True)
+
+def _summary(run: Run) -> None:
+    report = run.out / "report"
+    print(f"\n{'=' * len(BANNER)}\n{BANNER}\n{'=' * len(BANNER)}")
+    print((report / "table.md").read_text())
+    truth = json.loads((run.out / "fea" / "eval.json").read_text())
+    print(f"held-out synthetic subjects: {len(sorted({t['subject'] for t in truth}))}, images: {len(truth)}")
+    for name in ("scores.json", "scores.csv", "table.md", "confusion.png", "au_f1.png"):
+        if (report / name).exists():
+            print(f"  {report / name}")
+    for csv in sorted((run.out / "analyze").glob("*")):
+        print(f"  {csv}")
+    print("\nstage times:")
+    for name, seconds, cached in run.times:
+        print(f"  {seconds:7.1f} s  {name}{'  (earlier run)' if cached else ''}")
+    print(f"  {sum(s for _, s, _ in run.times):7.1f} s  total")
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    try:
+        warm, s1, s2 = (int(x) for x in str(args.steps).split(","))
+    except ValueError:
+        raise SystemExit(f"feallm demo: --steps wants three integers 'warmup,stage1,stage2', got {args.steps!r}") from None
+    return DemoConfig(subjects=args.subjects, frames=args.frames, warmup_steps=warm, steps1=s1, steps2=s2,
+                      llm=args.llm, compare_baseline=args.compare_baseline, seed=args.seed)
+
+
+def run_demo(out: Path, cfg: DemoConfig, resume: bool = False) -> Run:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run = Run(out.resolve(), cfg, resume)
+    o = run.out
+    from feallm_llava.data.synthetic import write_affwild2
+    from feallm_llava.lm_warmup import warm_up
+    from feallm_llava.tinykit import KitSpec, build_kit
+
+    run.stage("synthetic", f"{cfg.subjects} synthetic identities x {cfg.frames} frames (Aff-Wild2 layout)",
+              lambda: write_affwild2(o / "affwild2", cfg.subjects, cfg.frames, cfg.seed, cfg.image_size))
+
+    def dataset() -> None:
+        _cli("build-dataset", "--source", "affwild2", "--root", o / "affwild2", "--out", o / "fea",
+             "--annotator", "template", "--seed", cfg.seed, "--train-size", cfg.train_size,
+             "--eval-size", cfg.eval_size, "--no-progress")
+        _write_captions(o / "affwild2", o / "fea" / "train.json", o / "fea" / "pretrain.json")
+
+    run.stage("dataset", "FEA instruction set (template annotator) + stage-1 captions", dataset)
+    run.stage("kit", "offline tiny kit", lambda: build_kit(o / "kit", KitSpec(image_size=cfg.image_size, seed=cfg.seed)))
+    run.stage("warmup", f"text-only warm-up of the tiny LLM ({cfg.warmup_steps} steps; no images)",
+              lambda: warm_up(o / "kit" / "llm", o / "fea" / "train.json", o / "llm",
+                              steps=cfg.warmup_steps, seed=cfg.seed))
+    for projector, _ in _names(run):
+        run.stage(f"stage1-{projector}", f"stage 1 through llava.train.train_mem, --mm_projector_type {projector}",
+                  lambda p=projector: _train(run, p, "1"))
+        run.stage(f"stage2-{projector}", f"stage 2 (LoRA) through llava.train.train_mem, {projector}",
+                  lambda p=projector: _train(run, p, "2"))
+        run.stage(f"eval-{projector}", f"feallm eval --bench feabench ({projector})", lambda p=projector: _eval(run, p))
+    run.stage("score", "feallm score", lambda: _score(run))
+    run.stage("analyze", "feallm analyze: a held-out face and a real photo", lambda: _analyze(run))
+    _summary(run)
+    return run
 
 
 def main(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = Path(args.out).resolve()
-    stages = Stages()
-    stages.run(f"stage 1 + stage 2 through llava.train.train_mem ({args.steps} steps each) -> {out}",
-               lambda: _train(out, args.steps))
-    answer = stages.run("load the LoRA checkpoint with llava's load_pretrained_model and generate", lambda: _ask(out))
-    print(f"\nanswer of the tiny, barely trained model (machinery check, not a result): {answer!r}")
-    print("\nstage times:")
-    for name, seconds in stages.times:
-        print(f"  {seconds:7.1f} s  {name}")
+    run_demo(Path(args.out), config_from_args(args), resume=args.resume)
     return 0

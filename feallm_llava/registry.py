@@ -362,6 +362,18 @@ def _load_trainables(model, checkpoint_dir: str) -> bool:
     return False
 
 
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` that holds its `trainer_state.json`."""
+    import re
+
+    found = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else ():
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.exists(os.path.join(output_dir, name, "trainer_state.json")):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return max(found)[1] if found else None
+
+
 def _hook_trainer(module: ModuleType) -> None:
     _hook_argument_parser(module)
     cls = module.LLaVATrainer
@@ -390,8 +402,12 @@ def _hook_trainer(module: ModuleType) -> None:
         load_checkpoint(self, resume_from_checkpoint, model)
         _load_trainables(model, resume_from_checkpoint)  # LoRA runs: the projector too
 
-    def train_(self, *args, **kwargs):
-        result = train(self, *args, **kwargs)
+    def train_(self, *args, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint is True:
+            # A run killed while writing its newest checkpoint leaves it incomplete;
+            # resume from the newest one whose trainer state was written (it is last).
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or None
+        result = train(self, *args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         _write_trainables(self, module, self.args.output_dir)
         return result
 

@@ -121,29 +121,30 @@ def test_full_checkpoint_loads(tmp_path, kit):
 
 
 def test_resume_after_sigkill_finishes_with_same_projector_keys(kit, tmp_path, tiny_run):
-    """Kill stage 1 right after its first checkpoint; a second run resumes and finishes."""
+    """SIGKILL stage 1 once a checkpoint exists; the next run resumes from it and finishes."""
+    steps = 30
     out = tmp_path / "resume"
-    env = {**os.environ, "OUT": str(out), "KIT": str(kit.root), "PY": sys.executable,
-           "STEPS1": "6", "SAVE_STEPS": "2", "DATA": str(tiny_run / "data")}
+    settings = {"STEPS1": str(steps), "SAVE_STEPS": "2", "DATA": str(tiny_run / "data"), "STAGES": "1"}
+    env = {**os.environ, "OUT": str(out), "KIT": str(kit.root), "PY": sys.executable, **settings}
     stage1 = out / "llava-tiny-feallm-pretrain"
     proc = subprocess.Popen(["bash", str(ROOT / "launch" / "tiny_cpu.sh")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
-    while not (stage1 / "checkpoint-2" / "trainer_state.json").exists():
+    while not list(stage1.glob("checkpoint-*/trainer_state.json")):
         assert proc.poll() is None and time.time() < deadline, "stage 1 ended before its first checkpoint"
-        time.sleep(0.5)
-    time.sleep(1.0)
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (stage1 / "mm_projector.bin").exists()
-    done = run_tiny(out, kit, STEPS1="6", SAVE_STEPS="2", DATA=str(tiny_run / "data"), STAGES="1")
+    assert not (stage1 / "mm_projector.bin").exists(), "killed too late: the run had finished"
+    from feallm_llava.registry import last_complete_checkpoint
+
+    resumed_from = int(Path(last_complete_checkpoint(str(stage1))).name.split("-")[1])
+    done = run_tiny(out, kit, **settings)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
-    resumed_from = sorted(int(p.name.split("-")[1]) for p in stage1.glob("checkpoint-*"))
-    assert log.count("{'loss'") == 6 - 2  # steps 3..6 only: continued, not restarted
-    assert resumed_from[-1] == 6
+    assert log.count("{'loss'") == steps - resumed_from  # continued, not restarted
     state = json.loads((stage1 / "trainer_state.json").read_text())
-    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == list(range(1, steps + 1))
     final = torch.load(stage1 / "mm_projector.bin", weights_only=True)
     first = torch.load(tiny_run / "llava-tiny-feallm-pretrain" / "mm_projector.bin", weights_only=True)
     assert set(final) == set(first)
