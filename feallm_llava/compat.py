@@ -299,7 +299,7 @@ SHIMS: tuple[Shim, ...] = (
         "quantized_loading", "llava.model.builder",
         "load_4bit: ValueError (both load_in_4bit and quantization_config); projector quantized;"
         " a missing local path becomes a hub request",
-        "transformers >= 4.47 (ValueError), all (skip list, path check)",
+        "transformers >= 4.38 (ValueError), all (skip list, path check)",
         _needs_quantized_loading, _quantized_loading,
     ),
 )

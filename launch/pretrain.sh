@@ -62,131 +62,19 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tag="[pretrain]"
-PY="${PY:-$root/.venv/bin/python}"
-[ -x "$PY" ] || PY="$(command -v python3 || command -v python)"
 
-MODEL="${MODEL:-lmsys/vicuna-7b-v1.5}"
-VISION_TOWER="${VISION_TOWER:-openai/clip-vit-large-patch14-336}"
+# this stage's defaults; those both stages share are in launch/common.sh
 DATA_PATH="${DATA_PATH:-$root/playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-$root/playground/data/LLaVA-Pretrain/images}"
 OUTPUT_DIR="${OUTPUT_DIR:-$root/checkpoints/feallm-llava-v1.5-7b-pretrain}"
 GLOBAL_BATCH="${GLOBAL_BATCH:-64}"          # paper 5.1: pre-training batch size 64
-MAX_PER_DEVICE_BATCH="${MAX_PER_DEVICE_BATCH:-16}"
 LR="${LR:-1e-3}"                            # paper's number lost: LLaVA-1.5's pretrain rate
 EPOCHS="${EPOCHS:-1}"                       # paper 5.1: one epoch
 ZERO="${ZERO:-2}"
-SELECT_LAYER="${SELECT_LAYER:--2}"
-SHALLOW_LAYERS="${SHALLOW_LAYERS:-3 8 13 18}"
-LCA_CHANNELS="${LCA_CHANNELS:-64}"
-CROP_SIZE="${CROP_SIZE:-112}"
-MAX_LEN="${MAX_LEN:-2048}"
-WORKERS="${WORKERS:-4}"
 SAVE_STEPS="${SAVE_STEPS:-1000}"            # 558K / 64 = ~8.7K steps: a checkpoint every ~11%
-SAVE_TOTAL_LIMIT="${SAVE_TOTAL_LIMIT:-1}"
-REPORT_TO="${REPORT_TO:-none}"
 
-# >>> shared with finetune_lora.sh (tests/test_launchers.py keeps the two copies equal)
-dry=0
-case "${DRY_RUN:-0}" in ""|0|false|no) ;; *) dry=1 ;; esac
-
-die() { echo "$tag error: $*" >&2; exit 2; }
-note() { echo "$tag $*"; }
-
-# -- world size and the launcher ---------------------------------------------------
-visible_gpus() {  # GPUs this process may use: CUDA_VISIBLE_DEVICES, else nvidia-smi
-  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-    tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c '[^[:space:]]' || true
-  elif command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-  else
-    echo 0
-  fi
-}
-launcher=()
-if [ -n "${HOSTFILE:-}" ]; then
-  if [ -z "${WORLD_SIZE:-}" ]; then
-    [ -f "$HOSTFILE" ] || die "HOSTFILE=$HOSTFILE does not exist (set WORLD_SIZE to skip reading it)"
-    WORLD_SIZE="$(awk '!/^[[:space:]]*(#|$)/ { for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) {
-      split($i, kv, "="); n += kv[2] } } END { print n + 0 }' "$HOSTFILE")"
-  fi
-  launcher+=(--hostfile "$HOSTFILE")
-else
-  visible="$(visible_gpus)"
-  if [ -z "${NUM_GPUS:-}" ]; then
-    NUM_GPUS="$visible"
-    if [ "$NUM_GPUS" -lt 1 ]; then
-      NUM_GPUS=2
-      note "no GPU found; assuming the paper's 2 (set NUM_GPUS)"
-    fi
-  fi
-  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-    # deepspeed ignores CUDA_VISIBLE_DEVICES once --num_gpus is given (it then takes GPUs
-    # 0..N-1): name the visible ones with --include instead.
-    [ "$NUM_GPUS" = "$visible" ] \
-      || die "NUM_GPUS=$NUM_GPUS but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES names $visible GPUs; make them agree"
-    launcher+=(--include "localhost:$CUDA_VISIBLE_DEVICES")
-  else
-    launcher+=(--num_gpus "$NUM_GPUS")
-  fi
-  WORLD_SIZE="$NUM_GPUS"
-fi
-[ -z "${MASTER_ADDR:-}" ] || launcher+=(--master_addr "$MASTER_ADDR")
-[ -z "${MASTER_PORT:-}" ] || launcher+=(--master_port "$MASTER_PORT")
-[[ "$WORLD_SIZE" =~ ^[1-9][0-9]*$ ]] || die "world size must be a positive integer, got '$WORLD_SIZE'"
-
-# -- batch arithmetic: GLOBAL_BATCH = WORLD_SIZE x PER_DEVICE_BATCH x ACCUM ------------
-[[ "$GLOBAL_BATCH" =~ ^[1-9][0-9]*$ ]] || die "GLOBAL_BATCH must be a positive integer, got '$GLOBAL_BATCH'"
-(( GLOBAL_BATCH % WORLD_SIZE == 0 )) \
-  || die "GLOBAL_BATCH=$GLOBAL_BATCH is not divisible by the $WORLD_SIZE GPUs; use a GPU count that divides it, or set GLOBAL_BATCH"
-per_gpu=$(( GLOBAL_BATCH / WORLD_SIZE ))
-if [ -z "${PER_DEVICE_BATCH:-}" ]; then
-  PER_DEVICE_BATCH="$MAX_PER_DEVICE_BATCH"
-  (( PER_DEVICE_BATCH <= per_gpu )) || PER_DEVICE_BATCH="$per_gpu"
-  while (( per_gpu % PER_DEVICE_BATCH )); do PER_DEVICE_BATCH=$(( PER_DEVICE_BATCH - 1 )); done
-fi
-[[ "$PER_DEVICE_BATCH" =~ ^[1-9][0-9]*$ ]] || die "PER_DEVICE_BATCH must be a positive integer, got '$PER_DEVICE_BATCH'"
-(( per_gpu % PER_DEVICE_BATCH == 0 )) \
-  || die "PER_DEVICE_BATCH=$PER_DEVICE_BATCH does not divide GLOBAL_BATCH / GPUs = $per_gpu"
-ACCUM=$(( per_gpu / PER_DEVICE_BATCH ))
-
-# -- DeepSpeed config and launcher ------------------------------------------------
-case "$ZERO" in 2|3) ;; *) die "ZERO must be 2 or 3, got '$ZERO'" ;; esac
-ds_config="$root/launch/zero$ZERO.json"
-[ -f "$ds_config" ] || die "missing DeepSpeed config $ds_config"
-DEEPSPEED="${DEEPSPEED:-}"
-if [ -z "$DEEPSPEED" ]; then
-  if [ -x "$(dirname "$PY")/deepspeed" ]; then DEEPSPEED="$(dirname "$PY")/deepspeed"
-  else DEEPSPEED="$(command -v deepspeed || echo deepspeed)"; fi
-fi
-read -ra deepspeed_cmd <<<"$DEEPSPEED"
-problems=()
-[ -z "${HOSTFILE:-}" ] || [ -f "$HOSTFILE" ] || problems+=("HOSTFILE=$HOSTFILE does not exist")
-command -v "${deepspeed_cmd[0]}" >/dev/null 2>&1 \
-  || problems+=("deepspeed launcher '$DEEPSPEED' not found: pip install deepspeed (or set DEEPSPEED)")
-case "$(basename "$OUTPUT_DIR")" in
-  *[Ll][Ll][Aa][Vv][Aa]*) ;;
-  *) note "warning: OUTPUT_DIR name '$(basename "$OUTPUT_DIR")' lacks 'llava': load_pretrained_model will not load it as LLaVA" ;;
-esac
-if [ -f "$MODEL/config.json" ] && grep -q '"mm_projector_type"' "$MODEL/config.json"; then
-  problems+=("MODEL=$MODEL is a LLaVA checkpoint: upstream would keep its projector and never build FEALLM's; give the plain LLM (lmsys/vicuna-7b-v1.5)")
-fi
-
-# Print the command; run it unless DRY_RUN. $1 = what the run saves.
-launch() {
-  note "global batch $GLOBAL_BATCH = $WORLD_SIZE GPUs x $PER_DEVICE_BATCH per device x $ACCUM accumulation steps; ZeRO-$ZERO"
-  note "$1"
-  local p
-  for p in ${problems[@]+"${problems[@]}"}; do
-    if ((dry)); then echo "$tag note: $p" >&2; else echo "$tag error: $p" >&2; fi
-  done
-  printf '+'; printf ' %q' "${cmd[@]}"; printf '\n'
-  ((dry)) && exit 0
-  (( ${#problems[@]} == 0 )) || die "fix the above (or DRY_RUN=1 to only print the command)"
-  export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
-  mkdir -p "$OUTPUT_DIR"
-  exec "${cmd[@]}"
-}
-# <<< shared
+# shared defaults, world size, batch arithmetic, DeepSpeed launcher (both stages)
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # -- inputs -----------------------------------------------------------------------
 [ -f "$DATA_PATH" ] || problems+=("DATA_PATH=$DATA_PATH does not exist (LLaVA-Pretrain's blip_laion_cc_sbu_558k.json, hub dataset liuhaotian/LLaVA-Pretrain)")

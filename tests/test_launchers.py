@@ -193,12 +193,14 @@ def test_both_stages_build_the_same_feallm_projector():
     assert "--mm_feallm_mpp_points" in projector_flags(stage1)
 
 
-def test_shared_launcher_block_is_the_same_in_both_training_scripts():
-    blocks = []
+def test_both_training_scripts_source_the_common_launcher_file():
+    source = 'source "$(dirname "${BASH_SOURCE[0]}")/common.sh"'
     for name in ("pretrain.sh", "finetune_lora.sh"):
-        text = (LAUNCH / name).read_text()
-        blocks.append(text[text.index("# >>> shared"):text.index("# <<< shared")])
-    assert blocks[0] == blocks[1] and len(blocks[0]) > 500
+        lines = (LAUNCH / name).read_text().splitlines()
+        assert lines.count(source) == 1, name
+        assert not any(line.startswith("launch()") for line in lines), f"{name} defines its own launch()"
+    common = (LAUNCH / "common.sh").read_text()
+    assert "launch() {" in common and "ACCUM=" in common
 
 
 def test_real_run_with_missing_inputs_stops_naming_them(tmp_path):

@@ -1,10 +1,11 @@
 """predictions.jsonl: append-only, one JSON line per answered item, resumable.
 
-Safety: each line goes to the file in one `write(2)` on an `O_APPEND` descriptor right
-after its answer arrives, so a run killed at any moment (SIGKILL included) leaves only
-whole lines, at most a torn last line without its newline if the machine itself dies
-mid-write. Such a tail is ignored on reading and cut off before the next append. A
-complete line that is not JSON is an error naming file and line: it is never skipped.
+Safety (`feallm_llava.jsonl`): each line goes to the file in one `write(2)` on an
+`O_APPEND` descriptor right after its answer arrives, so a run killed at any moment
+(SIGKILL included) leaves only whole lines, at most a torn last line without its newline
+if the machine itself dies mid-write. Such a tail is ignored on reading and cut off
+before the next append. A complete line that is not JSON is an error naming file and
+line: it is never skipped.
 
 Resume: a run first reads the file and answers only the items whose id is not in it.
 A run that finishes rewrites the file in item order (write to a temporary file, then
@@ -21,6 +22,8 @@ import math
 import os
 from pathlib import Path
 from typing import Iterable, Sequence, TypeVar
+
+from ..jsonl import DamagedLine, JsonlAppender, read_lines
 
 PREDICTIONS = "predictions.jsonl"
 
@@ -42,11 +45,6 @@ def chunk(items: Sequence[T], num_chunks: int, chunk_idx: int) -> list[T]:
     return list(items[chunk_idx * size:(chunk_idx + 1) * size])
 
 
-def _complete_length(data: bytes) -> int:
-    """Length of the prefix made of whole lines (up to and including the last newline)."""
-    return data.rfind(b"\n") + 1
-
-
 def read_predictions(path: Path) -> list[dict]:
     """Every whole line of a predictions file, in file order ([] when there is no file).
 
@@ -54,20 +52,16 @@ def read_predictions(path: Path) -> list[dict]:
     not a JSON object with an "id" raises ValueError naming the line.
     """
     path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
+    try:
+        lines, _torn_bytes = read_lines(path)
+    except DamagedLine as e:
+        raise ValueError(f"{path}:{e.lineno}: not a JSON line ({e.error}); the file is damaged: "
+                         f"fix or delete that line, then rerun to resume") from e.error
     records: list[dict] = []
-    for lineno, raw in enumerate(data[:_complete_length(data)].splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not a JSON line ({e}); the file is damaged: "
-                             f"fix or delete that line, then rerun to resume") from e
+    for lineno, record in lines:
         if not isinstance(record, dict) or "id" not in record:
-            raise ValueError(f"{path}:{lineno}: expected a JSON object with an 'id', got {raw[:80]!r}")
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with an 'id', got "
+                             f"{json.dumps(record, ensure_ascii=False)[:80]!r}")
         records.append(record)
     return records
 
@@ -87,34 +81,18 @@ def check_same_run(records: Iterable[dict], path: Path, *, bench: str, model: st
 
 
 class PredictionWriter:
-    """Appends records as whole lines; usable as a context manager."""
+    """Appends records as whole lines (a torn tail is cut first); a context manager.
+    Lines reach the disk (fsync) when the writer closes."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._cut_torn_tail()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def _cut_torn_tail(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        keep = _complete_length(data)
-        if keep != len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(keep)
+        self._file = JsonlAppender(self.path)
 
     def write(self, record: dict) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        view = memoryview(line)
-        while view:  # a regular file takes it in one call; loop for the rare partial write
-            view = view[os.write(self._fd, view):]
+        self._file.append(record)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
 
     def __enter__(self) -> "PredictionWriter":
         return self

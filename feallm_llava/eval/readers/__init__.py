@@ -79,6 +79,39 @@ def sample_uniform(frames: list, every: int) -> list:
     return frames[::every]
 
 
+def sample_counted(frames: list, every: int, result: ReadResult) -> list:
+    """`sample_uniform`, counting the frames left out under "not sampled" in `result`."""
+    sampled = sample_uniform(frames, every)
+    result.dropped["not sampled"] += len(frames) - len(sampled)
+    return sampled
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Where a per-frame AU dataset (BP4D, DISFA) keeps its labels and images, and which
+    of its subjects the chosen folds keep."""
+    label_dir: Path
+    keep: set[str] | None   # subjects of the chosen folds; None = all
+    image_root: Path
+    pattern: str            # --frame-pattern, or the reader's default
+
+    def keeps(self, subject: str) -> bool:
+        return self.keep is None or subject in self.keep
+
+
+def frame_layout(root: Path, options: ReaderOptions, *, bench: str, label_dir: Path,
+                 folds: dict[int, tuple[str, ...]], image_root: Path, pattern: str) -> FrameLayout:
+    """Check `root / label_dir` exists; resolve the folds and the image location
+    (`--image-folder` / `--frame-pattern` over the reader's defaults `image_root` / `pattern`)."""
+    labels = root / label_dir
+    if not labels.is_dir():
+        raise FileNotFoundError(f"{bench}: {labels} not found; --data must be the {bench} root "
+                                f"(the folder holding {label_dir.as_posix()}/)")
+    return FrameLayout(label_dir=labels, keep=fold_subjects(options.folds, folds, bench),
+                       image_root=Path(options.image_folder) if options.image_folder else image_root,
+                       pattern=options.frame_pattern or pattern)
+
+
 def frame_path(root: Path, pattern: str, *, subject: str, frame: int, task: str = "") -> Path:
     """Fill an image path pattern such as "{subject}/{task}/{frame:04d}.jpg".
 

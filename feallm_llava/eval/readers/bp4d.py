@@ -22,7 +22,7 @@ import csv
 import re
 from pathlib import Path
 
-from . import BP4D_FOLDS, FaceRecord, ReaderOptions, ReadResult, fold_subjects, frame_path, sample_uniform
+from . import BP4D_FOLDS, FaceRecord, ReaderOptions, ReadResult, frame_layout, frame_path, sample_counted
 
 LABEL_DIR = Path("AUCoding") / "AU_OCC"
 BP4D_AUS: tuple[int, ...] = (1, 2, 4, 6, 7, 10, 12, 15, 23, 24)  # shared with labels.AUS
@@ -48,13 +48,9 @@ def _au_columns(header: list[str], path: Path) -> dict[int, int]:
 
 
 def read(root: Path, options: ReaderOptions) -> ReadResult:
-    label_dir = root / LABEL_DIR
-    if not label_dir.is_dir():
-        raise FileNotFoundError(f"BP4D: {label_dir} not found; --data must be the BP4D root "
-                                f"(the folder holding AUCoding/AU_OCC/)")
-    keep = fold_subjects(options.folds, BP4D_FOLDS, "BP4D")
-    image_root = Path(options.image_folder) if options.image_folder else root
-    pattern = options.frame_pattern or DEFAULT_PATTERN
+    layout = frame_layout(root, options, bench="BP4D", label_dir=LABEL_DIR, folds=BP4D_FOLDS,
+                          image_root=root, pattern=DEFAULT_PATTERN)
+    label_dir = layout.label_dir
 
     result = ReadResult([])
     files = sorted(label_dir.glob("*.csv"))
@@ -65,7 +61,7 @@ def read(root: Path, options: ReaderOptions) -> ReadResult:
         if not m:
             raise ValueError(f"BP4D: {path}: file name is not <subject>_<task>.csv (e.g. F001_T1.csv)")
         subject, task = m.groups()
-        if keep is not None and subject not in keep:
+        if not layout.keeps(subject):
             continue
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -90,12 +86,10 @@ def read(root: Path, options: ReaderOptions) -> ReadResult:
                 result.dropped["unknown AU code (9)"] += 1
                 continue
             valid.append((frame, frozenset(au for au, c in codes.items() if c == "1"), where))
-        sampled = sample_uniform(valid, options.sample_every)
-        result.dropped["not sampled"] += len(valid) - len(sampled)
-        for frame, aus, where in sampled:
+        for frame, aus, where in sample_counted(valid, options.sample_every, result):
             result.records.append(FaceRecord(
                 id=f"{subject}_{task}_{frame}",
-                image=frame_path(image_root, pattern, subject=subject, task=task, frame=frame),
+                image=frame_path(layout.image_root, layout.pattern, subject=subject, task=task, frame=frame),
                 source=where, gt_aus=aus, subject=subject))
     if not result.records:
         raise ValueError(f"BP4D: no valid frame left in {label_dir} (folds {list(options.folds) or 'all'}, "

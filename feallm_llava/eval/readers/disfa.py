@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from . import DISFA_FOLDS, FaceRecord, ReaderOptions, ReadResult, fold_subjects, frame_path, sample_uniform
+from . import DISFA_FOLDS, FaceRecord, ReaderOptions, ReadResult, frame_layout, frame_path, sample_counted
 
 LABEL_DIR = Path("ActionUnit_Labels")
 DISFA_AUS: tuple[int, ...] = (1, 2, 4, 6, 12, 25, 26)  # shared with labels.AUS
@@ -46,32 +46,27 @@ def _read_au_file(path: Path) -> dict[int, int]:
 
 
 def read(root: Path, options: ReaderOptions) -> ReadResult:
-    label_dir = root / LABEL_DIR
-    if not label_dir.is_dir():
-        raise FileNotFoundError(f"DISFA: {label_dir} not found; --data must be the DISFA root "
-                                f"(the folder holding ActionUnit_Labels/)")
-    keep = fold_subjects(options.folds, DISFA_FOLDS, "DISFA")
-    image_root = Path(options.image_folder) if options.image_folder else root / "Images"
-    pattern = options.frame_pattern or DEFAULT_PATTERN
+    layout = frame_layout(root, options, bench="DISFA", label_dir=LABEL_DIR, folds=DISFA_FOLDS,
+                          image_root=root / "Images", pattern=DEFAULT_PATTERN)
+    label_dir = layout.label_dir
 
     result = ReadResult([])
     subjects = sorted(p.name for p in label_dir.iterdir() if p.is_dir() and _SUBJECT.match(p.name))
     if not subjects:
         raise FileNotFoundError(f"DISFA: no SN<nnn>/ folder in {label_dir}")
     for subject in subjects:
-        if keep is not None and subject not in keep:
+        if not layout.keeps(subject):
             continue
         per_au = {au: _read_au_file(label_dir / subject / f"{subject}_au{au}.txt") for au in DISFA_AUS}
         all_frames = sorted(set().union(*per_au.values()))
         frames = [f for f in all_frames if all(f in v for v in per_au.values())]
         result.dropped["frame missing from an AU file"] += len(all_frames) - len(frames)
-        sampled = sample_uniform(frames, options.sample_every)
-        result.dropped["not sampled"] += len(frames) - len(sampled)
+        sampled = sample_counted(frames, options.sample_every, result)
         source = label_dir / subject / f"{subject}_au{DISFA_AUS[0]}.txt"
         for frame in sampled:
             result.records.append(FaceRecord(
                 id=f"{subject}_{frame}",
-                image=frame_path(image_root, pattern, subject=subject, frame=frame),
+                image=frame_path(layout.image_root, layout.pattern, subject=subject, frame=frame),
                 source=f"{source} (frame {frame})",
                 gt_aus=frozenset(au for au in DISFA_AUS if per_au[au][frame] >= PRESENT_FROM),
                 subject=subject))
