@@ -43,12 +43,13 @@ class DemoConfig:
     image_size: int = 112
     train_size: int = 720
     eval_size: int = 160
-    warmup_steps: int = 150
-    steps1: int = 60
+    warmup_steps: int = 200
+    steps1: int = 150
     steps2: int = 250
     batch: int = 8
     lora_r: int = 64
-    lr2: float = 2e-3
+    lr1: float = 2e-3
+    lr2: float = 3e-3
     projector_lr: float = 1e-3
     eval_max_new_tokens: int = 48
     llm: str = "tiny"
@@ -149,7 +150,7 @@ def _train(run: Run, projector: str, stages: str) -> None:
         "STAGE1_JSON": str(out / "fea" / "pretrain.json"), "STAGE2_JSON": str(out / "fea" / "train.json"),
         "IMAGE_FOLDER": str(out / "affwild2" / "cropped_aligned"), "STAGES": stages,
         "STEPS1": str(c.steps1), "STEPS2": str(c.steps2), "BATCH": str(c.batch),
-        "LORA_R": str(c.lora_r), "LORA_ALPHA": str(2 * c.lora_r), "LR2": str(c.lr2),
+        "LORA_R": str(c.lora_r), "LORA_ALPHA": str(2 * c.lora_r), "LR1": str(c.lr1), "LR2": str(c.lr2),
         "PROJ_LR": str(c.projector_lr), "SAVE_STEPS": str(max(c.steps1, c.steps2) // 2 or 1),
         "PROJECTOR": projector,
     }
@@ -229,6 +230,9 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 def run_demo(out: Path, cfg: DemoConfig, resume: bool = False) -> Run:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Tiny tensors: one thread beats two contending ones (measured up to 10x); set
+    # before torch is first imported in this process.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     run = Run(out.resolve(), cfg, resume)
     o = run.out
     from feallm_llava.data.synthetic import write_affwild2
@@ -247,7 +251,7 @@ def run_demo(out: Path, cfg: DemoConfig, resume: bool = False) -> Run:
     run.stage("dataset", "FEA instruction set (template annotator) + stage-1 captions", dataset)
     run.stage("kit", "offline tiny kit", lambda: build_kit(o / "kit", KitSpec(image_size=cfg.image_size, seed=cfg.seed)))
     run.stage("warmup", f"text-only warm-up of the tiny LLM ({cfg.warmup_steps} steps; no images)",
-              lambda: warm_up(o / "kit" / "llm", o / "fea" / "train.json", o / "llm",
+              lambda: warm_up(o / "kit" / "llm", [o / "fea" / "train.json", o / "fea" / "pretrain.json"], o / "llm",
                               steps=cfg.warmup_steps, seed=cfg.seed))
     for projector, _ in _names(run):
         run.stage(f"stage1-{projector}", f"stage 1 through llava.train.train_mem, --mm_projector_type {projector}",

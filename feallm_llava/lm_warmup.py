@@ -17,14 +17,19 @@ import time
 from pathlib import Path
 
 
-def conversation_texts(train_json: Path | str) -> list[str]:
+def conversation_texts(data_json: Path | str) -> list[str]:
+    """Texts of a LLaVA JSON: v1 conversations, or bare captions for `plain` samples
+    (a first human turn that is only `<image>`, as in LCS-558K)."""
     from llava.constants import DEFAULT_IMAGE_TOKEN
     from llava.conversation import conv_templates
 
     texts = []
-    for sample in json.loads(Path(train_json).read_text()):
-        conv = conv_templates["v1"].copy()
+    for sample in json.loads(Path(data_json).read_text()):
         turns = sample["conversations"]
+        if len(turns) == 2 and not turns[0]["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip():
+            texts.append(turns[1]["value"])
+            continue
+        conv = conv_templates["v1"].copy()
         for human, gpt in zip(turns[0::2], turns[1::2]):
             conv.append_message(conv.roles[0], human["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip())
             conv.append_message(conv.roles[1], gpt["value"])
@@ -32,9 +37,9 @@ def conversation_texts(train_json: Path | str) -> list[str]:
     return texts
 
 
-def warm_up(llm_dir: Path | str, train_json: Path | str, out_dir: Path | str, *, steps: int = 150,
+def warm_up(llm_dir: Path | str, data_jsons: list[Path | str], out_dir: Path | str, *, steps: int = 150,
             batch_size: int = 16, lr: float = 3e-3, seed: int = 0, log_every: int = 25) -> list[float]:
-    """Train `llm_dir` on the texts of `train_json` for `steps` steps; save to `out_dir`."""
+    """Train `llm_dir` on the texts of `data_jsons` for `steps` steps; save to `out_dir`."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -43,11 +48,13 @@ def warm_up(llm_dir: Path | str, train_json: Path | str, out_dir: Path | str, *,
     tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), use_fast=False)
     tokenizer.pad_token = tokenizer.unk_token  # as upstream's train() does for v1
     model = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=torch.float32)
-    texts = conversation_texts(train_json)
+    texts = [t for path in data_jsons for t in conversation_texts(path)]
     if not texts:
-        raise ValueError(f"{train_json}: no conversations to warm the LLM up on")
+        raise ValueError(f"{data_jsons}: no conversations to warm the LLM up on")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10) * max(0.05, 1 - s / steps))
+    # short linear warm-up, constant, then a linear decay over the last fifth
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 10, max(0.1, 5 * (1 - s / steps))))
     rng = random.Random(seed)
     losses: list[float] = []
     start = time.perf_counter()

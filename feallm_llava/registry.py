@@ -10,8 +10,13 @@ When `mm_projector_type == "feallm"` the wrappers build `FeallmVisionTower` and
 Also here, because they too touch llava's insides:
 - `initialize_vision_modules` copies the `mm_feallm_*` fields of the train arguments
   onto the model config, so `from_pretrained` rebuilds exactly the trained module;
-- `llava.train.train.ModelArguments` gains the `--mm_feallm_*` flags (upstream's
-  `train()` looks the class up at call time);
+  starting from a LLaVA checkpoint, its tower and mlp2x projector make way for
+  FEALLM's (the old MLP is the warm start);
+- `llava.train.train.ModelArguments` gains the `--mm_feallm_*` flags, `DataArguments`
+  gains `--skip_bad_samples` (upstream's `train()` looks both up at call time; for
+  `python -m llava.train.train` they are swapped where it builds its parser);
+- `LazySupervisedDataset` names bad samples; LoRA targets the LLM's Linears by full name;
+- `LLaVATrainer` checkpoints are resumable in every mode and get `.safetensors` twins;
 - the compat shims (`compat.py`) are armed.
 
 Nothing here imports torch or llava at import time: each hook runs when llava's module
