@@ -21,24 +21,38 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="feallm", description="FEALLM for upstream LLaVA")
+def subcommand_parser(prog: str, description: str, table: dict[str, tuple[str, str]],
+                      chosen: str | None = None) -> argparse.ArgumentParser:
+    """A parser with one subcommand per `table` entry; only `chosen`'s module is imported."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == command:
+    for command, (module, help_text) in table.items():
+        p = sub.add_parser(command, help=help_text, description=help_text)
+        if command == chosen:
             importlib.import_module(module).add_arguments(p)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def dispatch(prog: str, description: str, table: dict[str, tuple[str, str]], argv: list[str] | None) -> int:
+    """Run `table[argv[0]]`'s module: `add_arguments(parser)` then `main(args)`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in COMMANDS else None
-    args = build_parser(command).parse_args(argv)
+    chosen = argv[0] if argv and argv[0] in table else None
+    args = subcommand_parser(prog, description, table, chosen).parse_args(argv)
     if args.command is None:
-        build_parser().print_help()
+        subcommand_parser(prog, description, table).print_help()
         return 2
-    return int(importlib.import_module(COMMANDS[args.command][0]).main(args) or 0)
+    return int(importlib.import_module(table[args.command][0]).main(args) or 0)
+
+
+PROG = ("feallm", "FEALLM for upstream LLaVA")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    return subcommand_parser(*PROG, COMMANDS, command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(*PROG, COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@ when their benchmark runs.
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -19,25 +17,19 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(name: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m feallm_llava.bench",
-                                     description="feallm-llava benchmarks")
-    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
-    for bench, (module, help_text) in BENCHMARKS.items():
-        p = sub.add_parser(bench, help=help_text, description=help_text)
-        if bench == name:
-            importlib.import_module(module).add_arguments(p)
-    return parser
+PROG = ("python -m feallm_llava.bench", "feallm-llava benchmarks")
+
+
+def build_parser(name: str | None = None):
+    from feallm_llava.cli import subcommand_parser
+
+    return subcommand_parser(*PROG, BENCHMARKS, name)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    name = argv[0] if argv and argv[0] in BENCHMARKS else None
-    args = build_parser(name).parse_args(argv)
-    if args.benchmark is None:
-        build_parser().print_help()
-        return 2
-    return importlib.import_module(BENCHMARKS[args.benchmark][0]).main(args)
+    from feallm_llava.cli import dispatch
+
+    return dispatch(*PROG, BENCHMARKS, argv)
 
 
 if __name__ == "__main__":
