@@ -47,7 +47,3 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as err:  # pickle.UnpicklingError and friends: say which file
         raise ValueError(f"{path}: not a plain tensor file ({err}); refusing to unpickle it") from err
 
-
-def strip_prefix(state: dict[str, torch.Tensor], keyword: str) -> dict[str, torch.Tensor]:
-    """`{...keyword.rest: v}` -> `{rest: v}`, as upstream does for `mm_projector`."""
-    return {k.split(keyword + ".", 1)[1]: v for k, v in state.items() if keyword + "." in k}

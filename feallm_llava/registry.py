@@ -356,14 +356,13 @@ def _load_trainables(model, checkpoint_dir: str) -> bool:
     from feallm_llava.checkpoint import NON_LORA_FILE, PROJECTOR_FILE, load_weights
 
     for stem in (PROJECTOR_FILE, NON_LORA_FILE):
-        for ext in (".safetensors", ".bin"):
-            path = os.path.join(checkpoint_dir, stem + ext)
-            if os.path.exists(path):
-                result = model.load_state_dict(load_weights(path), strict=False)
-                if result.unexpected_keys:
-                    raise ValueError(f"{path}: keys that do not fit this model: {result.unexpected_keys[:5]}")
-                log.info("resumed %s from %s", stem, path)
-                return True
+        found = [p for ext in (".safetensors", ".bin") if os.path.exists(p := os.path.join(checkpoint_dir, stem + ext))]
+        if found:  # load_weights prefers the .safetensors twin of a .bin itself
+            result = model.load_state_dict(load_weights(found[0]), strict=False)
+            if result.unexpected_keys:
+                raise ValueError(f"{found[0]}: keys that do not fit this model: {result.unexpected_keys[:5]}")
+            log.info("resumed %s from %s", stem, found[0])
+            return True
     return False
 
 
