@@ -38,14 +38,23 @@ BANNER = "SYNTHETIC-DATA RESULT OF THIS RUN (tiny model, toy scale; not a paper 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    subjects: int = 24
-    frames: int = 40
+    # Many identities, few frames each: with 19 training identities x 40 frames the tiny
+    # model learnt the identities and stayed at chance on held-out ones; with 2400
+    # training frames of 75 identities it has to learn the expressions (measured with
+    # direct training on the answer's first token: held-out FER 0.41 vs 0.19 after 400
+    # steps, 0.55 after 800).
+    subjects: int = 100
+    frames: int = 30
     image_size: int = 112
-    train_size: int = 720
+    train_size: int = 2400
     eval_size: int = 160
+    # LCA at toy scale: crops of 40 px (112 px crops from a 336 px image in the paper,
+    # the same third of the side here) pooled to 3 x 3 (FeallmConfig.lca_pool).
+    crop_size: int = 40
+    lca_pool: int = 3
     warmup_steps: int = 200
     steps1: int = 150
-    steps2: int = 250
+    steps2: int = 500
     batch: int = 8
     lora_r: int = 64
     lr1: float = 2e-3
@@ -153,6 +162,7 @@ def _train(run: Run, projector: str, stages: str) -> None:
         "LORA_R": str(c.lora_r), "LORA_ALPHA": str(2 * c.lora_r), "LR1": str(c.lr1), "LR2": str(c.lr2),
         "PROJ_LR": str(c.projector_lr), "SAVE_STEPS": str(max(c.steps1, c.steps2) // 2 or 1),
         "PROJECTOR": projector,
+        "FEALLM_FLAGS": f"--mm_feallm_crop_size {c.crop_size} --mm_feallm_lca_pool {c.lca_pool} --mm_feallm_mpp_dim 0",
     }
     subprocess.run(["bash", str(ROOT / "launch" / "tiny_cpu.sh")], env=env, check=True)
 

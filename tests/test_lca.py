@@ -101,3 +101,25 @@ def test_lca_runs_in_bf16():
 def test_lca_rejects_pixels_without_three_channels():
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         make_lca()(torch.randn(1, 1, 56, 56))
+
+
+def test_pooling_to_a_grid_keeps_the_layout_inside_each_crop():
+    # crop 32 -> 16 -> 8 -> 4 -> 2 after 4 convs: a 2 x 2 pool is no pooling at all
+    lca = make_lca(lca_pool=2)
+    out = lca(torch.randn(2, 3, 56, 56))
+    assert out.regions.shape == (2, 16, 16 * 2 * 2)
+    assert lca.to_token.in_features == 16 * 64 and lca.to_keys.in_features == 64
+    assert out.token.shape == (2, 1, LLM) and out.keys.shape == (2, 16, VISION)
+    # a global pool is blind to mirroring each crop's feature map left-right; a 2 x 2
+    # grid is not: the same features in another place give another region vector
+    feats = torch.randn(3, 16, 2, 2)
+    pooled = torch.nn.functional.adaptive_avg_pool2d
+    assert torch.allclose(pooled(feats, 1), pooled(feats.flip(-1), 1), atol=1e-6)
+    assert not torch.allclose(pooled(feats, 2), pooled(feats.flip(-1), 2), atol=1e-3)
+
+
+@pytest.mark.parametrize("pool, crop, message", [(0, 32, "lca_pool must be >= 1"),
+                                                 (3, 32, "exceeds the 2 x 2 feature map")])
+def test_lca_pool_is_validated_against_the_feature_map(pool, crop, message):
+    with pytest.raises(ValueError, match=message):
+        FeallmConfig(**{**TINY, "crop_size": crop, "lca_pool": pool})
