@@ -6,10 +6,10 @@
 # (message prefix), OUTPUT_DIR, GLOBAL_BATCH, ZERO, and the launcher environment its
 # header documents (NUM_GPUS, HOSTFILE, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
 # PER_DEVICE_BATCH, DEEPSPEED, DRY_RUN).
-# Leaves: the defaults below, die, note, launch (prints `cmd`, then execs it unless
-# DRY_RUN), launcher (deepspeed's own flags), WORLD_SIZE, PER_DEVICE_BATCH, ACCUM,
-# ds_config, deepspeed_cmd, and problems (to which the script adds its own input checks
-# before calling launch).
+# Leaves: the defaults below, die, note, train_cmd (builds `cmd`), launch (prints `cmd`,
+# then execs it unless DRY_RUN), launcher (deepspeed's own flags), WORLD_SIZE,
+# PER_DEVICE_BATCH, ACCUM, ds_config, deepspeed_cmd, and problems (to which the script
+# adds its own input checks before calling launch).
 
 # -- defaults both stages share ------------------------------------------------------
 # The projector's settings (VISION_TOWER .. CROP_SIZE) must agree between the stages:
@@ -112,6 +112,37 @@ esac
 if [ -f "$MODEL/config.json" ] && grep -q '"mm_projector_type"' "$MODEL/config.json"; then
   problems+=("MODEL=$MODEL is a LLaVA checkpoint: upstream would keep its projector and never build FEALLM's; give the plain LLM (lmsys/vicuna-7b-v1.5)")
 fi
+
+# The train_mem command both stages run: `train_cmd STAGE_FLAGS...` sets cmd to the
+# launcher, the stage's own flags, the shared ones, then FEALLM_ARGS and EXTRA_ARGS
+# (last, so they override: argparse keeps a flag's last value).
+train_cmd() {
+  local shallow feallm_extra extra
+  read -ra shallow <<<"$SHALLOW_LAYERS"
+  read -ra feallm_extra <<<"${FEALLM_ARGS:-}"
+  read -ra extra <<<"${EXTRA_ARGS:-}"
+  cmd=(
+    "${deepspeed_cmd[@]}" "${launcher[@]}" --module llava.train.train_mem
+    --deepspeed "$ds_config"
+    "$@"
+    --model_name_or_path "$MODEL"
+    --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER"
+    --vision_tower "$VISION_TOWER" --mm_vision_select_layer "$SELECT_LAYER"
+    --mm_projector_type feallm --mm_feallm_shallow_layers "${shallow[@]}"
+    --mm_feallm_lca_channels "$LCA_CHANNELS" --mm_feallm_crop_size "$CROP_SIZE"
+    ${feallm_extra[@]+"${feallm_extra[@]}"}
+    --mm_use_im_start_end False --mm_use_im_patch_token False --image_aspect_ratio pad
+    --bf16 True --tf32 True
+    --output_dir "$OUTPUT_DIR" --num_train_epochs "$EPOCHS"
+    --per_device_train_batch_size "$PER_DEVICE_BATCH" --per_device_eval_batch_size 4
+    --gradient_accumulation_steps "$ACCUM"
+    --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit "$SAVE_TOTAL_LIMIT"
+    --learning_rate "$LR" --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine
+    --logging_steps 1 --model_max_length "$MAX_LEN" --gradient_checkpointing True
+    --dataloader_num_workers "$WORKERS" --lazy_preprocess True --report_to "$REPORT_TO"
+    ${extra[@]+"${extra[@]}"}
+  )
+}
 
 # Print the command; run it unless DRY_RUN. $1 = what the run saves.
 launch() {

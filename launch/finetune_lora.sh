@@ -85,31 +85,7 @@ case "$(basename "$OUTPUT_DIR")" in
   *) note "warning: OUTPUT_DIR name '$(basename "$OUTPUT_DIR")' lacks 'lora': load_pretrained_model will not merge the LoRA adapter" ;;
 esac
 
-read -ra shallow <<<"$SHALLOW_LAYERS"
-read -ra feallm_extra <<<"${FEALLM_ARGS:-}"
-read -ra extra <<<"${EXTRA_ARGS:-}"
-cmd=(
-  "${deepspeed_cmd[@]}" "${launcher[@]}" --module llava.train.train_mem
-  --deepspeed "$ds_config"
-  --lora_enable True --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
-  --mm_projector_lr "$PROJ_LR"
-  --model_name_or_path "$MODEL" --version v1
-  --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER"
-  --vision_tower "$VISION_TOWER" --mm_vision_select_layer "$SELECT_LAYER"
-  --pretrain_mm_mlp_adapter "$MM_PROJECTOR"
-  --mm_projector_type feallm --mm_feallm_shallow_layers "${shallow[@]}"
-  --mm_feallm_lca_channels "$LCA_CHANNELS" --mm_feallm_crop_size "$CROP_SIZE"
-  ${feallm_extra[@]+"${feallm_extra[@]}"}
-  --mm_use_im_start_end False --mm_use_im_patch_token False --image_aspect_ratio pad
-  --group_by_modality_length True
-  --bf16 True --tf32 True
-  --output_dir "$OUTPUT_DIR" --num_train_epochs "$EPOCHS"
-  --per_device_train_batch_size "$PER_DEVICE_BATCH" --per_device_eval_batch_size 4
-  --gradient_accumulation_steps "$ACCUM"
-  --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit "$SAVE_TOTAL_LIMIT"
-  --learning_rate "$LR" --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine
-  --logging_steps 1 --model_max_length "$MAX_LEN" --gradient_checkpointing True
-  --dataloader_num_workers "$WORKERS" --lazy_preprocess True --report_to "$REPORT_TO"
-  ${extra[@]+"${extra[@]}"}
-)
+train_cmd --version v1 --pretrain_mm_mlp_adapter "$MM_PROJECTOR" \
+  --lora_enable True --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT" \
+  --mm_projector_lr "$PROJ_LR" --group_by_modality_length True
 launch "saves $OUTPUT_DIR: LoRA adapter + non_lora_trainables.bin (+ .safetensors: LCA + MPP); load with model_base=$MODEL"

@@ -80,28 +80,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 [ -f "$DATA_PATH" ] || problems+=("DATA_PATH=$DATA_PATH does not exist (LLaVA-Pretrain's blip_laion_cc_sbu_558k.json, hub dataset liuhaotian/LLaVA-Pretrain)")
 [ -d "$IMAGE_FOLDER" ] || problems+=("IMAGE_FOLDER=$IMAGE_FOLDER does not exist (LLaVA-Pretrain's images/: unzip its images.zip)")
 
-read -ra shallow <<<"$SHALLOW_LAYERS"
-read -ra feallm_extra <<<"${FEALLM_ARGS:-}"
-read -ra extra <<<"${EXTRA_ARGS:-}"
-cmd=(
-  "${deepspeed_cmd[@]}" "${launcher[@]}" --module llava.train.train_mem
-  --deepspeed "$ds_config"
-  --model_name_or_path "$MODEL" --version plain
-  --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER"
-  --vision_tower "$VISION_TOWER" --mm_vision_select_layer "$SELECT_LAYER"
-  --mm_projector_type feallm --mm_feallm_shallow_layers "${shallow[@]}"
-  --mm_feallm_lca_channels "$LCA_CHANNELS" --mm_feallm_crop_size "$CROP_SIZE"
-  ${feallm_extra[@]+"${feallm_extra[@]}"}
-  --tune_mm_mlp_adapter True
-  --mm_use_im_start_end False --mm_use_im_patch_token False --image_aspect_ratio pad
-  --bf16 True --tf32 True
-  --output_dir "$OUTPUT_DIR" --num_train_epochs "$EPOCHS"
-  --per_device_train_batch_size "$PER_DEVICE_BATCH" --per_device_eval_batch_size 4
-  --gradient_accumulation_steps "$ACCUM"
-  --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit "$SAVE_TOTAL_LIMIT"
-  --learning_rate "$LR" --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine
-  --logging_steps 1 --model_max_length "$MAX_LEN" --gradient_checkpointing True
-  --dataloader_num_workers "$WORKERS" --lazy_preprocess True --report_to "$REPORT_TO"
-  ${extra[@]+"${extra[@]}"}
-)
+train_cmd --version plain --tune_mm_mlp_adapter True
 launch "saves $OUTPUT_DIR/mm_projector.bin (+ .safetensors): the whole FEALLM projector (LCA + MPP)"

@@ -49,11 +49,8 @@ class FeallmConfig:
     lca_norm_groups: int = 8  # GroupNorm groups after each conv (batch-size independent)
     lca_heads: int = 4  # heads of the self-attention over the region vectors
     # Side of the grid each crop's feature map is average-pooled to (paper eq. 1: AvgPool
-    # "compresses the spatial dimensions"). 1 = global pooling, a region vector of
-    # lca_channels (the paper's 64-wide regions). p > 1 keeps a p x p layout, a region
-    # vector of lca_channels * p * p: measured on synthetic faces, a CNN with global
-    # pooling stayed at chance for 300 steps where the same CNN with 3 x 3 pooling
-    # reached 0.68 held-out accuracy.
+    # "compresses the spatial dimensions"): 1 = global, the paper's 64-wide regions;
+    # p > 1 keeps a p x p layout (region_dim wide). Why: model/lca.py's docstring.
     lca_pool: int = 1
 
     # -- MPP (paper 4.3, 5.1) --
