@@ -11,6 +11,7 @@ no-op otherwise. Shims are applied lazily when the llava module they mend is imp
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -193,6 +194,108 @@ def _flash_attn_fallback(module: ModuleType) -> None:
     module.train = _mark(train, original)
 
 
+# -- transformers 5.x: a folder named `datasets` passes for the `datasets` library -----
+
+def _datasets_namespace(_module: ModuleType) -> None:
+    """Tell the Trainer that `datasets` is absent when only a same-named folder is on sys.path.
+
+    5.x's `is_datasets_available()` asks `find_spec("datasets")` alone (4.x also asked
+    for the distribution's metadata). Run from a checkout's root (`python -m
+    llava.train.train_mem`, cwd first on sys.path) our `datasets/` folder is found as a
+    namespace package, and the Trainer's dataloader fails on `datasets.Dataset`.
+    """
+    import transformers.trainer
+
+    original = transformers.trainer.is_datasets_available
+    if _is_shimmed(original):
+        return
+
+    def is_datasets_available() -> bool:
+        return False
+
+    transformers.trainer.is_datasets_available = _mark(is_datasets_available, original)
+
+
+def _needs_datasets_namespace() -> bool:
+    from transformers.utils import is_datasets_available
+
+    spec = importlib.util.find_spec("datasets")
+    # a real install is a module with a file; a bare folder is a namespace package
+    return spec is not None and spec.origin in (None, "namespace") and is_datasets_available()
+
+
+# -- transformers 5.x: --warmup_ratio is gone (warmup_steps < 1 is the ratio) --------
+
+def _warmup_ratio(module: ModuleType) -> None:
+    """Give upstream's TrainingArguments back `--warmup_ratio`, as a ratio-valued warmup_steps.
+
+    LLaVA's scripts (and ours, `launch/common.sh`) pass `--warmup_ratio 0.03`; 5.x's
+    HfArgumentParser rejects it as unused. 5.x reads a `warmup_steps` below 1 as the
+    ratio of total steps, so the ratio is moved there unless steps were given too.
+    `train()` looks `TrainingArguments` up at call time, so rebinding the name suffices.
+    """
+    base = module.TrainingArguments
+    if _is_shimmed(base):
+        return
+
+    def __post_init__(self):
+        ratio = self.warmup_ratio
+        if ratio is not None:
+            if not 0 <= ratio < 1:
+                raise ValueError(f"--warmup_ratio {ratio}: must be in [0, 1)")
+            if not self.warmup_steps:
+                self.warmup_steps = ratio
+        base.__post_init__(self)
+
+    cls = dataclasses.make_dataclass(
+        "TrainingArguments",
+        [("warmup_ratio", float | None, dataclasses.field(
+            default=None, metadata={"help": "Warmup as a ratio of total steps (mapped to warmup_steps)."}))],
+        bases=(base,),
+        namespace={"__post_init__": __post_init__, _MARK: base},
+    )
+    cls.__module__ = base.__module__
+    module.TrainingArguments = cls
+
+
+def _needs_warmup_ratio() -> bool:
+    from transformers import TrainingArguments
+
+    return "warmup_ratio" not in {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+# -- saving imports deepspeed even when training ran without it ----------------------
+
+def _deepspeed_optional(module: ModuleType) -> None:
+    """`maybe_zero_3` without deepspeed: a parameter DeepSpeed never partitioned is copied.
+
+    Upstream's `maybe_zero_3` (train.py and llava_trainer.py, used for every saved
+    projector / LoRA / non-LoRA state) imports deepspeed first, so a run launched
+    without DeepSpeed (one GPU, plain python) trains and then fails at its first save
+    with `No module named 'deepspeed'`. Without deepspeed no parameter has a `ds_id`,
+    and upstream's own branch for that case is a detached CPU copy. Applied when
+    `llava.train.train` is imported, which has imported `llava.train.llava_trainer` first.
+    """
+    import sys
+
+    for target in (module, sys.modules.get("llava.train.llava_trainer")):
+        original = getattr(target, "maybe_zero_3", None)
+        if original is None or _is_shimmed(original):
+            continue
+
+        @functools.wraps(original)
+        def maybe_zero_3(param, ignore_status=False, name=None, __original=original):
+            if hasattr(param, "ds_id"):  # partitioned by ZeRO-3: only deepspeed can gather it
+                return __original(param, ignore_status=ignore_status, name=name)
+            return param.detach().cpu().clone()
+
+        target.maybe_zero_3 = _mark(maybe_zero_3, original)
+
+
+def _needs_deepspeed_optional() -> bool:
+    return importlib.util.find_spec("deepspeed") is None
+
+
 def flash_attn_available() -> bool:
     if importlib.util.find_spec("flash_attn") is None:
         return False
@@ -291,9 +394,25 @@ SHIMS: tuple[Shim, ...] = (
         "transformers >= 5.0", _needs_trainer_tokenizer, _trainer_tokenizer,
     ),
     Shim(
+        "datasets_namespace", "llava.train.llava_trainer",
+        "train from the checkout's root: module 'datasets' has no attribute 'Dataset'"
+        " (our datasets/ folder taken for the library)",
+        "transformers >= 5.0, library `datasets` not installed", _needs_datasets_namespace, _datasets_namespace,
+    ),
+    Shim(
         "flash_attn_fallback", "llava.train.train",
         "train_mem: flash_attention_2 requested but flash-attn / CUDA absent -> ImportError",
         "any, without flash-attn", lambda: not flash_attn_available(), _flash_attn_fallback,
+    ),
+    Shim(
+        "warmup_ratio", "llava.train.train",
+        "Some specified arguments are not used by the HfArgumentParser: ['--warmup_ratio', '0.03']",
+        "transformers >= 5.0", _needs_warmup_ratio, _warmup_ratio,
+    ),
+    Shim(
+        "deepspeed_optional", "llava.train.train",
+        "first save of a run without DeepSpeed (projector, LoRA, non-LoRA): No module named 'deepspeed'",
+        "without deepspeed", _needs_deepspeed_optional, _deepspeed_optional,
     ),
     Shim(
         "quantized_loading", "llava.model.builder",

@@ -32,12 +32,15 @@ KNOWN_FAILURES = {
     "train_sampler": ("TypeError", "_get_train_sampler() takes 1 positional argument but 2 were given"),
     "save_checkpoint_metrics": ("TypeError", "_save_checkpoint() takes 3 positional arguments but 4 were given"),
     "trainer_tokenizer": ("TypeError", "unexpected keyword argument 'tokenizer'"),
-    "flash_attn_fallback": ("ImportError", "flash"),
+    "flash_attn_fallback": ("ImportError", "FlashAttention2 has been toggled on"),
     "quantized_loading": ("ValueError", "`quantization_config` argument at the same time"),
     # upstream: generate() dies in the worker's thread, the stream reader waits for a
     # timeout and the worker answers "NETWORK ERROR" with no cause
     "worker_generate_errors": ("Empty", ""),
     "worker_image_errors": ("UnidentifiedImageError", "cannot identify image file"),
+    "datasets_namespace": ("AttributeError", "has no attribute 'Dataset'"),
+    "warmup_ratio": ("ValueError", "--warmup_ratio"),
+    "deepspeed_optional": ("ModuleNotFoundError", "deepspeed"),
 }
 
 # Shims whose failure needs a stack this file does not start; the test named here covers them.
@@ -58,6 +61,9 @@ TARGETS = {
     "worker_generate_errors": ("llava.model.language_model.llava_llama", "LlavaLlamaForCausalLM.generate"),
     "worker_image_errors": ("llava.mm_utils", "load_image_from_base64"),
     "serve_examples": ("gradio", "Examples"),
+    "datasets_namespace": ("transformers.trainer", "is_datasets_available"),
+    "warmup_ratio": ("llava.train.train", "TrainingArguments"),
+    "deepspeed_optional": ("llava.train.train", "maybe_zero_3"),
 }
 
 SHIMS = {shim.name: shim for shim in compat.SHIMS}
@@ -150,6 +156,30 @@ def run_probes(kit_root: str, checkpoint: str, workdir: str, train: bool = False
         return {"sampler": type(picked).__name__, "length": len(picked)}
 
     probe("train_sampler", sampler)
+
+    def train_dataloader():  # cwd is the checkout's root: its datasets/ folder is on sys.path
+        return {"batches": len(trainer.get_train_dataloader())}
+
+    probe("datasets_namespace", train_dataloader)
+
+    def warmup_ratio():  # what every LLaVA launcher passes
+        import transformers
+
+        parser = transformers.HfArgumentParser(train_module.TrainingArguments)
+        (parsed,) = parser.parse_args_into_dataclasses(
+            ["--output_dir", str(work / "warmup"), "--use_cpu", "True", "--report_to", "none",
+             "--warmup_ratio", "0.03"])
+        return {"warmup_steps_of_100": parsed.get_warmup_steps(100)}
+
+    probe("warmup_ratio", warmup_ratio)
+
+    def save_without_deepspeed():  # the copy every projector / LoRA save makes of a parameter
+        from llava.train import llava_trainer
+
+        param = torch.nn.Parameter(torch.ones(2))
+        return {"copies": [train_module.maybe_zero_3(param).tolist(), llava_trainer.maybe_zero_3(param).tolist()]}
+
+    probe("deepspeed_optional", save_without_deepspeed)
 
     def save_checkpoint():
         trainer._save_checkpoint(trainer.model, None)
@@ -411,6 +441,12 @@ def test_shim_mends_the_failure(name, shimmed):
         assert outcome["same_logits"] and len(outcome["generated"][0]) == 3
     elif name == "train_sampler":  # LLaVA's own modality-grouped sampler, over the whole set
         assert outcome == {"ok": True, "sampler": "LengthGroupedSampler", "length": 8}
+    elif name == "datasets_namespace":
+        assert outcome == {"ok": True, "batches": 1}
+    elif name == "warmup_ratio":  # 3 % of 100 steps
+        assert outcome == {"ok": True, "warmup_steps_of_100": 3}
+    elif name == "deepspeed_optional":
+        assert outcome == {"ok": True, "copies": [[1.0, 1.0], [1.0, 1.0]]}
     elif name == "save_checkpoint_metrics":
         assert "model.safetensors" in outcome["files"] and "config.json" in outcome["files"]
     elif name == "quantized_loading":
