@@ -233,6 +233,7 @@ def _summary(run: Run) -> None:
     print((report / "table.md").read_text())
     truth = json.loads((run.out / "fea" / "eval.json").read_text())
     print(f"held-out synthetic subjects: {len(sorted({t['subject'] for t in truth}))}, images: {len(truth)}")
+    print(_chance_line(truth))
     for name in ("scores.json", "scores.csv", "table.md", "confusion.png", "au_f1.png"):
         if (report / name).exists():
             print(f"  {report / name}")
@@ -242,6 +243,29 @@ def _summary(run: Run) -> None:
     for name, seconds, cached in run.times:
         print(f"  {seconds:7.1f} s  {name}{'  (earlier run)' if cached else ''}")
     print(f"  {sum(s for _, s, _ in run.times):7.1f} s  total")
+
+
+def _chance_line(truth: list[dict]) -> str:
+    """What a model blind to the image scores on these items, to read the table against.
+
+    FE: always the most frequent expression. AU: every AU always on, whose F1 is
+    2p / (1 + p) at prevalence p, well above 0 for frequent AUs.
+    """
+    from collections import Counter
+
+    from feallm_llava.data.labels import AUS
+    from feallm_llava.eval.metrics import au_metrics
+
+    fer = [t["expression"] for t in truth if t.get("expression")]
+    aud = [t["aus"] for t in truth if t.get("aus") is not None]
+    parts = []
+    if fer:
+        label, count = Counter(fer).most_common(1)[0]
+        parts.append(f"FE {100 * count / len(fer):.2f} (always {label})")
+    if aud:
+        on = au_metrics(aud, [AUS] * len(aud), AUS)
+        parts.append(f"mean AU F1 {100 * on.mean_f1:.2f} (every AU always on)")
+    return "blind baselines on these items: " + ", ".join(parts)
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:

@@ -40,3 +40,20 @@ def test_resume_skips_finished_stages(tmp_path, capsys):
     assert calls == ["synthetic", "dataset"]
     assert "done in an earlier run" in capsys.readouterr().out
     assert json.loads((tmp_path / MANIFEST).read_text())["subjects"] == DemoConfig().subjects
+
+
+def test_chance_line_gives_the_blind_baselines():
+    from feallm_llava.demo import _chance_line
+
+    truth = [
+        {"expression": "Happiness", "aus": [1]},
+        {"expression": "Happiness", "aus": [1, 2]},
+        {"expression": "Anger", "aus": []},
+        {"expression": "Neutral", "aus": [1]},
+        {"expression": None, "aus": None},  # invalid labels are not scored
+    ]
+    # AU1: 3 TP 1 FP -> 6/7; AU2: 1 TP 3 FP -> 2/5; the other 10 AUs: 0; mean over 12
+    mean = (6 / 7 + 2 / 5) / 12
+    assert _chance_line(truth) == (
+        f"blind baselines on these items: FE 50.00 (always Happiness), "
+        f"mean AU F1 {100 * mean:.2f} (every AU always on)")
