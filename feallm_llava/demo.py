@@ -48,9 +48,8 @@ class DemoConfig:
     # 56 px faces: a logistic regression on 28 x 28 pixels reads held-out expressions at
     # 0.94 (100 x 30 set), so 56 px loses nothing a small model can use, and a training
     # step costs half as much as at 112 px (16 CLIP patches instead of 64; measured
-    # stage 2 0.4 vs 0.82 s/step on one core). With these steps a 56 px run scored FE
-    # 19.4 %, mean AU F1 15.0 %; the 112 px defaults before (150 + 500 steps), 8.75 % and
-    # 9.56 %.
+    # stage 2 0.4 vs 0.82 s/step on one core), which buys 600 + 800 steps in the
+    # 10-minute budget where 112 px held 150 + 500.
     image_size: int = 56
     train_size: int = 2400
     eval_size: int = 160
