@@ -17,6 +17,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -276,8 +277,6 @@ def _deepspeed_optional(module: ModuleType) -> None:
     and upstream's own branch for that case is a detached CPU copy. Applied when
     `llava.train.train` is imported, which has imported `llava.train.llava_trainer` first.
     """
-    import sys
-
     for target in (module, sys.modules.get("llava.train.llava_trainer")):
         original = getattr(target, "maybe_zero_3", None)
         if original is None or _is_shimmed(original):
