@@ -94,6 +94,15 @@ def test_prompt_follows_the_conversation_template(backend):
     assert prompt.endswith("USER: <image>\nWhich AUs are active? ASSISTANT:")
 
 
+def test_plain_prompt_is_the_stage1_training_text(checkpoint, one_thread):
+    # upstream preprocess_plain trains on "<image>" + caption + "\n": a caption model is
+    # asked with the image token alone, and its answer ends at the newline
+    plain = LlavaBackend(str(checkpoint), conv_mode="plain", device="cpu", max_new_tokens=4)
+    assert plain.prompt("") == "<image>"
+    assert plain.prompt("<image>\na drawn") == "<image>a drawn"
+    assert plain._stop_text() == "\n"
+
+
 @pytest.mark.parametrize("name, mode", [
     ("llava-v1.5-7b", "llava_v1"), ("llava-v1.5-7b-feallm-lora", "llava_v1"),
     ("llava-llama-2-13b-chat", "llava_llama_2"), ("llava-v1.6-mistral-7b", "mistral_instruct"),

@@ -42,6 +42,26 @@ def test_resume_skips_finished_stages(tmp_path, capsys):
     assert json.loads((tmp_path / MANIFEST).read_text())["subjects"] == DemoConfig().subjects
 
 
+def test_until_stops_after_that_stage_and_resume_goes_on(tmp_path):
+    calls = []
+    run = Run(tmp_path, DemoConfig(), resume=False, until="stage1")
+    for name in ("warmup", "stage1-feallm", "readout-feallm"):
+        run.stage(name, name, lambda n=name: calls.append(n))
+    assert run.stopped and calls == ["warmup", "stage1-feallm"]
+    again = Run(tmp_path, DemoConfig(), resume=True)
+    for name in ("warmup", "stage1-feallm", "readout-feallm"):
+        again.stage(name, name, lambda n=name: calls.append(n))
+    assert not again.stopped and calls == ["warmup", "stage1-feallm", "readout-feallm"]
+
+
+def test_until_names_a_stage():
+    from feallm_llava.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser("demo").parse_args(["demo", "--until", "stage3"])
+    assert build_parser("demo").parse_args(["demo", "--until", "readout"]).until == "readout"
+
+
 def test_chance_line_gives_the_blind_baselines():
     from feallm_llava.demo import _chance_line
 

@@ -19,6 +19,7 @@ from feallm_llava.data.synthetic import (
     SyntheticConfig,
     au_region_box,
     caption,
+    parse_caption,
     render_face,
     sample_expression,
     sample_grid,
@@ -115,6 +116,21 @@ def test_every_au_is_frequent_enough_to_learn():
             counts[au] += 1
     rare = {au: n / 2000 for au, n in counts.items() if n / 2000 < 0.08}
     assert not rare, f"AUs active in under 8% of frames: {rare}"
+
+
+def test_parse_caption_inverts_caption():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        expression = EXPRESSIONS[int(rng.integers(len(EXPRESSIONS)))]
+        aus = {int(au): float(rng.uniform(0.1, 1.0)) for au in AUS if rng.random() < 0.3}
+        assert parse_caption(caption(aus, expression)) == (expression, sorted(aus))
+
+
+def test_parse_caption_reads_what_a_garbled_caption_says():
+    # "tightened lips" must not be read from "tightened eyelids", nor AU4 from "brows" alone
+    assert parse_caption("a drawn angry face with tightened eyelids and knitted brows and") == ("Anger", [7])
+    assert parse_caption("a drawn face with lowered, knitted brows and a dropped jaw jaw") == (None, [4, 26])
+    assert parse_caption("") == (None, [])
 
 
 def test_caption_names_the_expression_and_each_au():

@@ -589,6 +589,7 @@ _EXPR_ADJ: dict[str, str] = {
     "Neutral": "calm", "Anger": "angry", "Disgust": "disgusted", "Fear": "fearful",
     "Happiness": "happy", "Sadness": "sad", "Surprise": "surprised",
 }
+_ADJ_EXPR: dict[str, str] = {adj: expr for expr, adj in _EXPR_ADJ.items()}
 
 
 def caption(aus: Mapping[int, float] | Iterable[int], expression: str) -> str:
@@ -600,6 +601,20 @@ def caption(aus: Mapping[int, float] | Iterable[int], expression: str) -> str:
         return f"a drawn {adj} face with relaxed features"
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"a drawn {adj} face with {body}"
+
+
+def parse_caption(text: str) -> tuple[str | None, list[int]]:
+    """What a caption in `caption`'s words says: (expression or None, active AUs).
+
+    Reads a model's generated caption back: the first expression adjective it uses and
+    every AU whose phrase appears (with or without "slightly"). Words outside that
+    vocabulary are ignored, so a garbled caption scores what it does say.
+    """
+    words = text.lower().replace(",", " ").replace(".", " ").split()
+    expression = next((_ADJ_EXPR[w] for w in words if w in _ADJ_EXPR), None)
+    flat = " ".join(words)
+    aus = [au for au in AUS if " ".join(_AU_PHRASES[au].replace(",", " ").split()) in flat]
+    return expression, aus
 
 
 # ---------------------------------------------------------------------------------------

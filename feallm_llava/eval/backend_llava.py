@@ -86,13 +86,21 @@ class LlavaBackend:
 
     # -- prompt ---------------------------------------------------------------------
     def prompt(self, question: str) -> str:
+        """The prompt text; `<image>` stands where the image features go.
+
+        `plain` (stage 1, LCS-558K captions) is what upstream's `preprocess_plain` trains
+        on: the image token, then the text, with no separator between them; the
+        template's own rendering would add two newlines the model never saw.
+        """
         from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
-        from llava.conversation import conv_templates
+        from llava.conversation import SeparatorStyle, conv_templates
 
         image_token = DEFAULT_IMAGE_TOKEN
         if getattr(self.model.config, "mm_use_im_start_end", False):
             image_token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
         conv = conv_templates[self.conv_mode].copy()
+        if conv.sep_style == SeparatorStyle.PLAIN:
+            return image_token + question.replace(DEFAULT_IMAGE_TOKEN, "").strip()
         conv.append_message(conv.roles[0], image_token + "\n" + question.replace(DEFAULT_IMAGE_TOKEN, "").strip())
         conv.append_message(conv.roles[1], None)
         return conv.get_prompt()
