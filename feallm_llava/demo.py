@@ -65,7 +65,7 @@ class DemoConfig:
     # Stage 1 is cheap at 56 px (about 0.17 s/step) and is where the projector learns the
     # image. Its readout (the stage-1 checkpoint captions the held-out faces; `readout`)
     # after 600 steps: FE 0.36 to 0.51, mean AU F1 0.43 to 0.57; after 1200: FE 0.60 to
-    # 0.86, mean AU F1 0.60 to 0.74 over four runs (blind baselines about 0.17 and 0.38).
+    # 0.89, mean AU F1 0.60 to 0.74 over five runs (blind baselines about 0.17 and 0.38).
     steps1: int = 1200
     steps2: int = 800
     batch: int = 8
@@ -77,7 +77,7 @@ class DemoConfig:
     # projector stays nearly where stage 1 left it. FEABench after 800 steps from the
     # same 1200-step stage 1 (FE, mean AU F1): LoRA lr 5e-3 0.83, 0.69; 1e-2 0.74, 0.42;
     # with the reasoning type too (0.4 instead of 0.27 s/step) lr 1e-2 0.41, 0.56. Whole
-    # runs at these settings: seed 0 0.71, 0.69; seed 1 0.84, 0.73; seed 0 with two
+    # runs at these settings: seed 0 0.71, 0.69 and 0.65, 0.61; seed 1 0.84, 0.73; with two
     # threads (another order of float sums) 0.53, 0.44: stage 2 is where runs part most.
     lr2: float = 5e-3
     projector_lr: float = 1e-5
