@@ -45,6 +45,7 @@ KNOWN_FAILURES = {
 
 # Shims whose failure needs a stack this file does not start; the test named here covers them.
 COVERED_ELSEWHERE = {
+    "seed_model_init": ("tests/test_train.py", "test_same_seed_gives_the_same_stage1_projector"),
     "serve_examples": ("tests/test_serve_stack.py",
                        "test_gradio_server_starts_with_feallm_example_faces_instead_of_missing_upstream_images"),
 }
@@ -57,6 +58,7 @@ TARGETS = {
     "save_checkpoint_metrics": ("llava.train.llava_trainer", "LLaVATrainer._save_checkpoint"),
     "trainer_tokenizer": ("llava.train.llava_trainer", "LLaVATrainer.__init__"),
     "flash_attn_fallback": ("llava.train.train", "train"),
+    "seed_model_init": ("llava.train.train", "train"),
     "quantized_loading": ("llava.model.builder", "load_pretrained_model"),
     "worker_generate_errors": ("llava.model.language_model.llava_llama", "LlavaLlamaForCausalLM.generate"),
     "worker_image_errors": ("llava.mm_utils", "load_image_from_base64"),

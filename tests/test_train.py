@@ -56,6 +56,18 @@ def test_stage1_loss_decreases(tiny_run):
     assert len(losses) == 4 and losses[-1] < losses[0]
 
 
+def test_same_seed_gives_the_same_stage1_projector(kit, tmp_path):
+    # upstream builds the projector before the Trainer seeds; compat's seed_model_init
+    # seeds first, so two launches with the same flags train the same weights
+    runs = []
+    for name in ("a", "b"):
+        proc = run_tiny(tmp_path / name, kit, STAGES="1", STEPS1="2", SAVE_STEPS="2")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs.append(torch.load(tmp_path / name / "llava-tiny-feallm-pretrain" / "mm_projector.bin", weights_only=True))
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 def test_stage2_saves_lora_adapter_and_projector(tiny_run):
     run = tiny_run / "llava-tiny-feallm-lora"
     assert (run / "adapter_model.safetensors").exists()
