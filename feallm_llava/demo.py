@@ -77,8 +77,8 @@ class DemoConfig:
     # projector stays nearly where stage 1 left it. FEABench after 800 steps from the
     # same 1200-step stage 1 (FE, mean AU F1): LoRA lr 5e-3 0.83, 0.69; 1e-2 0.74, 0.42;
     # with the reasoning type too (0.4 instead of 0.27 s/step) lr 1e-2 0.41, 0.56. Whole
-    # runs at these settings: seed 0 0.71, 0.69 and 0.65, 0.61; seed 1 0.84, 0.73; with two
-    # threads (another order of float sums) 0.53, 0.44: stage 2 is where runs part most.
+    # runs at these settings, before compat's seed_model_init made launches repeatable:
+    # seed 0 0.71, 0.69 and 0.65, 0.61; seed 1 0.84, 0.73; with two threads 0.53, 0.44.
     lr2: float = 5e-3
     projector_lr: float = 1e-5
     # Instruction types of stage 2: summary and movement. The reasoning answers cost half
