@@ -126,3 +126,27 @@ def test_validator_accepts_negated_mentions_of_inactive_aus():
     ann = Annotation(**{**GOOD.to_dict(),
                         "reasoning": GOOD.reasoning + " AU4 is not activated, so the brows stay relaxed."})
     assert validate_annotation(ann, "Happiness", labels({6, 12})) == []
+
+
+def test_fixed_wording_depends_on_the_labels_alone():
+    cases = list(random_cases(140, seed=2))
+    for expression, aus, key in cases:
+        a = TemplateAnnotator(seed=1, wording="fixed").annotate(expression, aus, key)
+        b = TemplateAnnotator(seed=9, wording="fixed").annotate(expression, aus, key + "-other")
+        assert a == b
+        assert validate_annotation(a, expression, aus) == [], a
+        assert parse_aus(a.movement) == {x for x, v in aus.items() if v}
+    varied = {TemplateAnnotator(seed=1).annotate("Fear", labels({1, 2, 4, 25, 26}), f"k{i}").movement
+              for i in range(20)}
+    assert len(varied) > 1
+
+
+def test_fixed_wording_lists_each_au_in_one_form():
+    ann = TemplateAnnotator(wording="fixed").annotate("Anger", labels({4, 7, 23}), "a")
+    assert ann.movement.startswith("The face shows the following action units. AU04 (Brow Lowerer): ")
+    assert "AU07 (Lid Tightener): " in ann.movement and "AU23 (Lip Tightener): " in ann.movement
+
+
+def test_unknown_wording_is_refused():
+    with pytest.raises(ValueError, match="wording must be one of"):
+        TemplateAnnotator(wording="poetic")

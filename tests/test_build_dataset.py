@@ -13,6 +13,7 @@ from feallm_llava.data.labels import AUS, EXPRESSIONS
 from feallm_llava.data.records import Annotation, FaceRecord, validate_annotation
 from feallm_llava.data.split import parse_class_caps, split_and_sample
 from feallm_llava.data.templates import load_templates
+from feallm_llava.eval.parse import parse_aus
 from tests.fake_openai import start_fake_openai
 from tests.test_affwild2 import au_row, make_affwild2_tree, write_video
 from tests.test_annotate_openai import good
@@ -194,6 +195,16 @@ def test_types_subset_for_the_instruction_ablation(tree, tmp_path):
     assert kinds == {"summary": 30, "reasoning": 30}
     with pytest.raises(SystemExit, match="must be one of"):
         build(tree, tmp_path, "--types", "summary,gossip")
+
+
+def test_fixed_wording_writes_one_text_per_label_set(tree, tmp_path):
+    assert build(tree, tmp_path, "--wording", "fixed", "--types", "movement") == 0
+    texts: dict[tuple, set] = {}
+    for s in load(tmp_path, "train.json"):
+        answer = s["conversations"][1]["value"]
+        texts.setdefault(tuple(sorted(parse_aus(answer))), set()).add(answer)
+    assert len(texts) > 1 and all(len(t) == 1 for t in texts.values()), texts
+    assert load(tmp_path, "report.json")["annotator"]["wording"] == "fixed"
 
 
 def test_absolute_image_paths_on_request(tree, tmp_path):

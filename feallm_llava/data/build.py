@@ -44,7 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from feallm_llava.data.affwild2 import LabelFileError, read_affwild2
-from feallm_llava.data.annotate_template import TemplateAnnotator
+from feallm_llava.data.annotate_template import WORDINGS, TemplateAnnotator
 from feallm_llava.data.labels import AUS, EXPRESSIONS, au_key
 from feallm_llava.data.records import (INSTRUCTION_TYPES, Annotation, FaceRecord, SkipCounter,
                                        validate_annotation)
@@ -92,6 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ann = parser.add_argument_group("annotator")
     ann.add_argument("--annotator", choices=["auto", "template", "openai"], default="auto",
                      help="auto: openai when an API key or --base-url is given, else template")
+    ann.add_argument("--wording", choices=WORDINGS, default="varied",
+                     help="template texts (and the openai fallback's): several wordings per "
+                          "sentence (varied), or always the first (fixed; a small LLM learns it "
+                          "faster, the offline demo uses it)")
     ann.add_argument("--model", default="gpt-4o", help="OpenAI model (default: gpt-4o)")
     ann.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint")
     ann.add_argument("--api-key-env", default="OPENAI_API_KEY",
@@ -180,13 +184,13 @@ def conversations(record: FaceRecord, annotation: Annotation, image: str, types:
 
 # ---------------------------------------------------------------- annotation -----
 
-def _annotate_template(records, seed: int, progress: bool):
-    annotator = TemplateAnnotator(seed)
+def _annotate_template(records, seed: int, wording: str, progress: bool):
+    annotator = TemplateAnnotator(seed, wording)
     results = []
     for r in tqdm(records, desc="annotating (template)", unit="img", disable=not progress):
         results.append({"annotation": annotator.annotate(r.expression, r.aus, r.id),
                         "status": "validated", "problems": [], "error": None, "checked": False})
-    return results, {"name": "template", "seed": seed}
+    return results, {"name": "template", "seed": seed, "wording": wording}
 
 
 def _openai_config(args):
@@ -211,7 +215,7 @@ def _annotate_openai(records, args, cache_path: Path, progress: bool):
     config = _openai_config(args)
     items = [ao.AnnotationItem.from_record(r) for r in records]
     with AnnotationCache(cache_path) as cache:
-        annotator = ao.OpenAIAnnotator(config, cache, fallback=TemplateAnnotator(args.seed))
+        annotator = ao.OpenAIAnnotator(config, cache, fallback=TemplateAnnotator(args.seed, args.wording))
         batch_dir = args.out / "batch"
         if args.batch in ("write", "submit"):
             paths = ao.write_batch_input(items, batch_dir, config, cache)
@@ -316,7 +320,7 @@ def main(args: argparse.Namespace) -> int:
         if rows is None:
             return 0
     else:
-        rows, info = _annotate_template(split.train, args.seed, progress)
+        rows, info = _annotate_template(split.train, args.seed, args.wording, progress)
 
     # 5. validate every text that goes out, and write
     train_samples, ann_lines, kept = [], [], []
