@@ -29,6 +29,7 @@ LR1="${LR1:-1e-3}"          # stage 1: projector (LCA + MPP)
 LR2="${LR2:-2e-4}"          # stage 2: LoRA
 PROJ_LR="${PROJ_LR:-2e-5}"  # stage 2: LCA + MPP at their own rate
 SAVE_STEPS="${SAVE_STEPS:-2}"
+LOG_STEPS="${LOG_STEPS:-1}"      # loss lines every N steps (1: the tests read every step's loss)
 PROJECTOR="${PROJECTOR:-feallm}"
 STAGES="${STAGES:-1 2}"          # which stages to run
 FEALLM_FLAGS="${FEALLM_FLAGS:---mm_feallm_crop_size 32 --mm_feallm_mpp_dim 0}"
@@ -46,7 +47,7 @@ common=(
   --image_folder "$IMAGE_FOLDER" --image_aspect_ratio pad --lazy_preprocess True
   --per_device_train_batch_size "$BATCH" --gradient_accumulation_steps 1
   --num_train_epochs 1 --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine
-  --logging_steps 1 --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit 2
+  --logging_steps "$LOG_STEPS" --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit 2
   --model_max_length 512 --dataloader_num_workers 0 --report_to none --use_cpu True
   --seed 0 --data_seed 0
 )

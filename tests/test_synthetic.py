@@ -182,10 +182,11 @@ def test_written_layout_parses_as_affwild2(tmp_path):
             assert r == ",".join(["-1"] * 12)
 
 
-def test_same_seed_writes_identical_files(tmp_path):
-    a = write_affwild2(tmp_path / "a", subjects=2, frames=5, seed=3, size=48, progress=False).root
-    b = write_affwild2(tmp_path / "b", subjects=2, frames=5, seed=3, size=48, progress=False).root
-    c = write_affwild2(tmp_path / "c", subjects=2, frames=5, seed=4, size=48, progress=False).root
+def test_same_seed_writes_identical_files_with_any_number_of_workers(tmp_path):
+    a = write_affwild2(tmp_path / "a", subjects=3, frames=5, seed=3, size=48, progress=False).root
+    b = write_affwild2(tmp_path / "b", subjects=3, frames=5, seed=3, size=48, progress=False,
+                       workers=2).root
+    c = write_affwild2(tmp_path / "c", subjects=3, frames=5, seed=4, size=48, progress=False).root
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     for f in files:

@@ -41,6 +41,7 @@ subjects. Everything is deterministic given the seed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -672,13 +673,54 @@ def _check_out_dir(root: Path, manifest: dict) -> bool:
     return False   # an interrupted run of ours: regenerate over it
 
 
+def _write_video(job) -> tuple[str, str, list[str], list[str], list[str], int]:
+    """Draw and save one video's frames; return its label lines and truth lines."""
+    root, v, name, split, frames, seed, size, cfg = job
+    rng = np.random.default_rng([seed, v])
+    identity = Identity.sample(rng, name, cfg)
+    vdir = root / FRAMES_DIR / name
+    vdir.mkdir(parents=True, exist_ok=True)
+    expr_lines, au_lines, truth_lines = [EXPR_HEADER], [AU_HEADER], []
+    written, left = 0, 0
+    expr, base = "Neutral", {}
+    for f in range(1, frames + 1):
+        if left == 0:
+            expr, base = sample_expression(rng, cfg)
+            left = int(rng.integers(cfg.segment[0], cfg.segment[1] + 1))
+        left -= 1
+        lo, hi = cfg.intensity
+        aus = {au: float(np.clip(x + rng.uniform(-cfg.intensity_jitter, cfg.intensity_jitter), lo, hi))
+               for au, x in base.items()}
+        nz = Nuisance.sample(rng, cfg)
+        img = render_face(aus, identity, rng, size=size, nuisance=nz, config=cfg)
+        has_image = not (rng.random() < cfg.p_missing_image)
+        expr_ok = not (rng.random() < cfg.p_invalid_expr)
+        au_ok = not (rng.random() < cfg.p_invalid_au)
+        rel = f"{FRAMES_DIR}/{name}/{f:05d}.jpg"
+        if has_image:
+            img.save(root / rel, "JPEG", quality=nz.jpeg_quality)
+            written += 1
+        expr_lines.append(str(EXPRESSIONS.index(expr)) if expr_ok else "-1")
+        au_lines.append(",".join(("1" if au in aus else "0") if au_ok else "-1" for au in AUS))
+        truth_lines.append(json.dumps({
+            "video": name, "frame": f, "split": split,
+            "image": rel if has_image else None,
+            "expression": expr, "expression_index": EXPRESSIONS.index(expr),
+            "aus": {f"AU{au:02d}": round(x, 3) for au, x in sorted(aus.items())},
+            "caption": caption(aus, expr),
+            "expr_label_valid": expr_ok, "au_label_valid": au_ok,
+        }) + "\n")
+    return name, split, expr_lines, au_lines, truth_lines, written
+
+
 def write_affwild2(out_dir: str | os.PathLike, subjects: int = 12, frames: int = 60,
                    seed: int = 0, size: int = 112, *, config: SyntheticConfig | None = None,
-                   progress: bool = True) -> SyntheticSet:
+                   progress: bool = True, workers: int = 1) -> SyntheticSet:
     """Write `subjects` videos of `frames` frames in the Aff-Wild2 2022+ layout.
 
     Deterministic given (subjects, frames, seed, size, config); each video's content
-    depends only on (seed, its index), so adding subjects leaves earlier ones unchanged.
+    depends only on (seed, its index), so adding subjects leaves earlier ones unchanged,
+    and `workers` processes draw the same files as one (the demo uses two cores).
     The last round(subjects * val_fraction) subjects form the Validation_Set. If `out_dir`
     already holds the identical complete set it is reused; a set with other parameters or
     any foreign file refuses with FileExistsError.
@@ -713,49 +755,24 @@ def write_affwild2(out_dir: str | os.PathLike, subjects: int = 12, frames: int =
         from tqdm.auto import tqdm
         bar = tqdm(total=subjects * frames, desc="synthetic faces", unit="frame")
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / TRUTH_FILE, "w") as truth:
-        for v, name in enumerate(names):
-            split = "val" if name in val else "train"
-            rng = np.random.default_rng([seed, v])
-            identity = Identity.sample(rng, name, cfg)
-            vdir = root / FRAMES_DIR / name
-            vdir.mkdir(parents=True, exist_ok=True)
-            expr_lines, au_lines = [EXPR_HEADER], [AU_HEADER]
-            left = 0
-            expr, base = "Neutral", {}
-            for f in range(1, frames + 1):
-                if left == 0:
-                    expr, base = sample_expression(rng, cfg)
-                    left = int(rng.integers(cfg.segment[0], cfg.segment[1] + 1))
-                left -= 1
-                lo, hi = cfg.intensity
-                aus = {au: float(np.clip(x + rng.uniform(-cfg.intensity_jitter, cfg.intensity_jitter), lo, hi))
-                       for au, x in base.items()}
-                nz = Nuisance.sample(rng, cfg)
-                img = render_face(aus, identity, rng, size=size, nuisance=nz, config=cfg)
-                has_image = not (rng.random() < cfg.p_missing_image)
-                expr_ok = not (rng.random() < cfg.p_invalid_expr)
-                au_ok = not (rng.random() < cfg.p_invalid_au)
-                rel = f"{FRAMES_DIR}/{name}/{f:05d}.jpg"
-                if has_image:
-                    img.save(root / rel, "JPEG", quality=nz.jpeg_quality)
-                    n_images += 1
-                expr_lines.append(str(EXPRESSIONS.index(expr)) if expr_ok else "-1")
-                au_lines.append(",".join(("1" if au in aus else "0") if au_ok else "-1" for au in AUS))
-                truth.write(json.dumps({
-                    "video": name, "frame": f, "split": split,
-                    "image": rel if has_image else None,
-                    "expression": expr, "expression_index": EXPRESSIONS.index(expr),
-                    "aus": {f"AU{au:02d}": round(x, 3) for au, x in sorted(aus.items())},
-                    "caption": caption(aus, expr),
-                    "expr_label_valid": expr_ok, "au_label_valid": au_ok,
-                }) + "\n")
-                if bar is not None:
-                    bar.update(1)
+    jobs = [(root, v, name, "val" if name in val else "train", frames, seed, size, cfg)
+            for v, name in enumerate(names)]
+    with open(root / TRUTH_FILE, "w") as truth, contextlib.ExitStack() as stack:
+        # videos are independent (each has its own rng), so workers draw them in any
+        # order; the truth file and the label files are written here, in video order
+        mapper = map
+        if min(workers, len(jobs)) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+            mapper = stack.enter_context(ProcessPoolExecutor(min(workers, len(jobs)))).map
+        for name, split, expr_lines, au_lines, truth_lines, written in mapper(_write_video, jobs):
+            n_images += written
+            truth.writelines(truth_lines)
             for top, lines in ((EXPR_DIR, expr_lines), (AU_DIR, au_lines)):
                 d = root / top / SPLIT_DIRS[split]
                 d.mkdir(parents=True, exist_ok=True)
                 (d / f"{name}.txt").write_text("\n".join(lines) + "\n")
+            if bar is not None:
+                bar.update(frames)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
