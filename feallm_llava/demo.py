@@ -236,7 +236,7 @@ def _readout(run: Run, projector: str) -> None:
                       bench="synthetic-captions", gt_expression=t["expression"]) for t in truth]
     backend = LlavaBackend(str(_checkpoint(run, projector, "pretrain")), str(run.out / "llm"),
                            conv_mode="plain", device="cpu", max_new_tokens=48)
-    captions = dict((item.id, text) for item, text in backend.answer(items, batch_size=16))
+    captions = {item.id: text for item, text in backend.answer(items, batch_size=16)}
     rows = []
     for t in truth:
         expression, aus = parse_caption(captions[t["id"]])
