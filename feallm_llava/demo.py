@@ -4,7 +4,8 @@ What `bash launch/demo.sh` runs. On data where the truth is known, through the r
 components:
 
   1. synthetic   faces drawn from FACS AUs, written in Aff-Wild2's native layout
-  2. dataset     `feallm build-dataset --annotator template` (the real reader + builder)
+  2. dataset     `feallm build-dataset --annotator template --wording fixed` (the real
+                 reader + builder)
   3. kit         the offline tiny kit (tokenizer, Llama, 24-layer CLIP)
   4. warmup      text-only warm-up of the tiny random LLM (stands in for Vicuna's
                  pretraining; it never sees an image)
