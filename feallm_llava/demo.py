@@ -37,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "feallm_demo.json"
 BANNER = "SYNTHETIC-DATA RESULT OF THIS RUN (tiny model, toy scale; not a paper figure)"
+# Cores the demo uses: training threads and the processes drawing the synthetic faces.
+_CORES = min(2, os.cpu_count() or 1)
 STAGES = ("synthetic", "dataset", "kit", "warmup", "stage1", "readout", "stage2", "eval", "score", "analyze")
 
 
@@ -83,7 +85,7 @@ class DemoConfig:
     # same 1200-step stage 1 (FE, mean AU F1): LoRA lr 5e-3 0.83, 0.69; 1e-2 0.74, 0.42;
     # with the reasoning type too (0.4 instead of 0.27 s/step) lr 1e-2 0.41, 0.56. Whole
     # runs at these defaults (FEABench FE, mean AU F1): seed 0 0.89, 0.82 (two threads,
-    # 581 s at a slow hour); seeds 1 and 2, one thread each, side by side: 0.92, 0.83 and
+    # 565 s); seeds 1 and 2, one thread each, side by side: 0.92, 0.83 and
     # 0.79, 0.76. A constant lr after warm-up, or a projector lr of 1e-4, read lower AU
     # F1 from one stage 1 (800 steps, varied wording: 0.59 and 0.54 against 0.62).
     lr2: float = 5e-3
@@ -368,7 +370,7 @@ def run_demo(out: Path, cfg: DemoConfig, resume: bool = False, until: str | None
     # training subprocesses inherit it). Alone on the 2-core machine, a stage-2 step of 8
     # took 0.36 s on one thread and 0.30 s on two; a machine's worth of threads fighting
     # over the cores was measured up to 10x slower.
-    os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_CORES))
     run = Run(out.resolve(), cfg, resume, until)
     o = run.out
     from feallm_llava.data.synthetic import write_affwild2
@@ -377,7 +379,7 @@ def run_demo(out: Path, cfg: DemoConfig, resume: bool = False, until: str | None
 
     run.stage("synthetic", f"{cfg.subjects} synthetic identities x {cfg.frames} frames (Aff-Wild2 layout)",
               lambda: write_affwild2(o / "affwild2", cfg.subjects, cfg.frames, cfg.seed, cfg.image_size,
-                                    workers=min(2, os.cpu_count() or 1)))
+                                    workers=_CORES))
 
     def dataset() -> None:
         _cli("build-dataset", "--source", "affwild2", "--root", o / "affwild2", "--out", o / "fea",
