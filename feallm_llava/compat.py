@@ -47,13 +47,27 @@ class Shim:
     before: bool = False  # run before the module executes (it fails at import)
 
 
-def _mark(fn, original):
+_TAG = "__feallm_shim__"
+
+
+def _mark(fn, original, tag: str | None = None):
+    """Record `original` on its wrapper `fn`; `tag` names the shim where two shims wrap
+    the same function (train() has two)."""
     setattr(fn, _MARK, original)
+    setattr(fn, _TAG, tag)  # also replaces the tag functools.wraps copied from `original`
     return fn
 
 
-def _is_shimmed(fn) -> bool:
-    return hasattr(fn, _MARK)
+def _is_shimmed(fn, tag: str | None = None) -> bool:
+    """Whether `fn` is a compat wrapper; with `tag`, whether that shim is one of the
+    wrappers stacked on it, in any order."""
+    if tag is None:
+        return hasattr(fn, _MARK)
+    while hasattr(fn, _MARK):
+        if getattr(fn, _TAG, None) == tag:
+            return True
+        fn = getattr(fn, _MARK)
+    return False
 
 
 # -- generate(): forward() has a closed signature ------------------------------------
@@ -181,7 +195,7 @@ def _needs_trainer_tokenizer() -> bool:
 # -- train_mem asks for flash-attention 2, which CPUs and many GPUs lack --------------
 
 def _flash_attn_fallback(module: ModuleType) -> None:
-    if _is_shimmed(module.train):
+    if _is_shimmed(module.train, "flash_attn_fallback"):
         return
     original = module.train
 
@@ -192,13 +206,10 @@ def _flash_attn_fallback(module: ModuleType) -> None:
             attn_implementation = "sdpa"
         return original(attn_implementation=attn_implementation)
 
-    module.train = _mark(train, original)
+    module.train = _mark(train, original, "flash_attn_fallback")
 
 
 # -- train(): the model is built before anything seeds the RNG ------------------------
-
-_SEEDED = "__feallm_seeded__"
-
 
 def _seed_model_init(module: ModuleType) -> None:
     """Seed with the run's `--seed` before upstream's `train()` builds the model.
@@ -210,7 +221,7 @@ def _seed_model_init(module: ModuleType) -> None:
     flags, FE 65.0 % in one launch and 85.0 % in the next. `--seed` is read from the
     command line (TrainingArguments' default 42 without it), as the Trainer will use it.
     """
-    if getattr(module.train, _SEEDED, False):
+    if _is_shimmed(module.train, "seed_model_init"):
         return
     original = module.train
 
@@ -221,17 +232,16 @@ def _seed_model_init(module: ModuleType) -> None:
         set_seed(_seed_from_argv(sys.argv))
         return original(*args, **kwargs)
 
-    setattr(train, _SEEDED, True)
-    module.train = _mark(train, original)
+    module.train = _mark(train, original, "seed_model_init")
 
 
 def _seed_from_argv(argv: list[str], default: int = 42) -> int:
-    for i, arg in enumerate(argv):
-        if arg == "--seed" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--seed="):
-            return int(arg.split("=", 1)[1])
-    return default
+    """`--seed` as HfArgumentParser will read it (either form; the last one wins)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--seed", type=int, default=default)
+    return parser.parse_known_args(argv)[0].seed
 
 
 # -- transformers 5.x: a folder named `datasets` passes for the `datasets` library -----
