@@ -109,8 +109,11 @@ case "$(basename "$OUTPUT_DIR")" in
   *[Ll][Ll][Aa][Vv][Aa]*) ;;
   *) note "warning: OUTPUT_DIR name '$(basename "$OUTPUT_DIR")' lacks 'llava': load_pretrained_model will not load it as LLaVA" ;;
 esac
-if [ -f "$MODEL/config.json" ] && grep -q '"mm_projector_type"' "$MODEL/config.json"; then
-  problems+=("MODEL=$MODEL is a LLaVA checkpoint: upstream would keep its projector and never build FEALLM's; give the plain LLM (lmsys/vicuna-7b-v1.5)")
+# A LLaVA checkpoint (local: its config names a projector; hub: "llava" in the id) is a
+# valid start: the plugin replaces its tower and projector (say so, it is easy to miss).
+if { [ -f "$MODEL/config.json" ] && grep -q '"mm_projector_type"' "$MODEL/config.json"; } \
+   || { [ ! -e "$MODEL" ] && [[ "$MODEL" == *[Ll][Ll][Aa][Vv][Aa]* ]]; }; then
+  note "MODEL=$MODEL is a LLaVA checkpoint: FEALLM's tower and projector replace its own; its mlp2x_gelu projector starts the FEALLM MLP in stage 1"
 fi
 
 # The train_mem command both stages run: `train_cmd STAGE_FLAGS...` sets cmd to the

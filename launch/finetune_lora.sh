@@ -19,8 +19,8 @@
 # the name must contain both "llava" and "lora" (upstream's loader picks the LoRA path so).
 #
 # Environment (defaults = the paper's 7B setting):
-#   MODEL            base LLM: lmsys/vicuna-7b-v1.5 (the one stage 1 used; a plain LLM,
-#                    not a LLaVA checkpoint, whose projector upstream would keep)
+#   MODEL            base LLM: lmsys/vicuna-7b-v1.5, or the LLaVA-1.5 checkpoint stage 1
+#                    started from (the same MODEL as stage 1; it is the base to load with)
 #   VISION_TOWER     openai/clip-vit-large-patch14-336
 #   STAGE1_DIR       checkpoints/feallm-llava-v1.5-7b-pretrain (launch/pretrain.sh's output)
 #   MM_PROJECTOR     $STAGE1_DIR/mm_projector.bin (-> --pretrain_mm_mlp_adapter)

@@ -15,9 +15,10 @@
 # (launch/finetune_lora.sh) starts from OUTPUT_DIR/mm_projector.bin.
 #
 # Environment (defaults = the paper's 7B setting):
-#   MODEL            LLM to start from: lmsys/vicuna-7b-v1.5, the LLM of LLaVA-v1.5-7B.
-#                    A plain LLM, not a LLaVA checkpoint: upstream keeps a projector it
-#                    finds in the checkpoint, and the FEALLM projector would never be built.
+#   MODEL            LLM to start from: lmsys/vicuna-7b-v1.5, the LLM of LLaVA-v1.5-7B,
+#                    or a LLaVA-1.5 checkpoint (liuhaotian/llava-v1.5-7b, as the paper):
+#                    FEALLM's tower and projector replace the checkpoint's, and its
+#                    mlp2x_gelu projector starts the FEALLM projector's MLP.
 #   VISION_TOWER     openai/clip-vit-large-patch14-336 (CLIP ViT-L/14-336, paper 5.1)
 #   DATA_PATH        blip_laion_cc_sbu_558k.json of LLaVA-Pretrain (LLaVA-LCS-558K)
 #   IMAGE_FOLDER     its images/ folder
@@ -36,7 +37,7 @@
 #   SELECT_LAYER     -2 = output of layer 23 of CLIP's 24, the deep features (paper 5.1)
 #   SHALLOW_LAYERS   "3 8 13 18" (paper 5.1)   LCA_CHANNELS 64 (paper 5.1)
 #   CROP_SIZE        112: side of the resized LCA crops; the paper's text lost the number,
-#                    112 is DESIGN.md's default
+#                    112 is a third of the 336 px input
 #   FEALLM_ARGS      more --mm_feallm_* flags (ablations, e.g. "--mm_feallm_lca False").
 #                    Stage 2 must get the same FEALLM settings as stage 1: it rebuilds the
 #                    projector from its flags and then loads mm_projector.bin strictly.

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.fake_openai import start_fake_openai
+from feallm_llava.testing.fake_openai import start_fake_openai
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -212,12 +212,16 @@ def test_real_run_with_missing_inputs_stops_naming_them(tmp_path):
     assert "deepspeed launcher" in proc.stderr
 
 
-def test_a_llava_checkpoint_as_model_is_refused(tmp_path):
+def test_a_llava_checkpoint_as_model_is_taken_and_said(tmp_path):
     model = tmp_path / "llava-v1.5-7b"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"mm_projector_type": "mlp2x_gelu"}))
-    proc = run_script("pretrain.sh", dry=False, NUM_GPUS="1", MODEL=str(model))
-    assert proc.returncode == 2 and "is a LLaVA checkpoint" in proc.stderr
+    proc = run_script("pretrain.sh", NUM_GPUS="1", MODEL=str(model))
+    assert proc.returncode == 0 and "is a LLaVA checkpoint: FEALLM's tower and projector replace" in proc.stdout
+    launcher, args = train_command("pretrain.sh", NUM_GPUS="1", MODEL=str(model))
+    assert flag(args, "--model_name_or_path") == str(model) and flag(args, "--mm_projector_type") == "feallm"
+    plain = run_script("pretrain.sh", NUM_GPUS="1")
+    assert "is a LLaVA checkpoint" not in plain.stdout
 
 
 def test_real_run_execs_exactly_the_printed_command(tmp_path):

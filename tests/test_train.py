@@ -40,7 +40,7 @@ def projector_keys(model) -> set[str]:
 
 
 def test_stage1_saves_every_projector_tensor(tiny_run, kit):
-    from feallm_llava.checkpoint import load_weights
+    from feallm_llava.model.weights import load_weights
     from feallm_llava.tinykit import build_llava_model
 
     saved = torch.load(tiny_run / "llava-tiny-feallm-pretrain" / "mm_projector.bin", weights_only=True)
@@ -148,7 +148,7 @@ def test_resume_after_sigkill_finishes_with_same_projector_keys(kit, tmp_path, t
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (stage1 / "mm_projector.bin").exists(), "killed too late: the run had finished"
-    from feallm_llava.registry import last_complete_checkpoint
+    from feallm_llava.integration.registry.trainer import last_complete_checkpoint
 
     resumed_from = int(Path(last_complete_checkpoint(str(stage1))).name.split("-")[1])
     done = run_tiny(out, kit, **settings)
@@ -160,3 +160,27 @@ def test_resume_after_sigkill_finishes_with_same_projector_keys(kit, tmp_path, t
     final = torch.load(stage1 / "mm_projector.bin", weights_only=True)
     first = torch.load(tiny_run / "llava-tiny-feallm-pretrain" / "mm_projector.bin", weights_only=True)
     assert set(final) == set(first)
+
+
+def test_training_from_a_llava_checkpoint_starts_feallm_from_its_mlp(kit, tmp_path):
+    """The paper builds on LLaVA-1.5: stage 1 from a LLaVA checkpoint trains a FEALLM
+    projector whose MLP starts as the checkpoint's mlp2x_gelu (lr 0 keeps it there), and
+    the LoRA checkpoint of stage 2 loads with that LLaVA checkpoint as its base."""
+    from safetensors.torch import load_file
+
+    from feallm_llava.model.projector import FeallmProjector
+    from feallm_llava.recipe import TinyRecipe
+    from feallm_llava.tinykit import build_llava
+
+    base = build_llava(tmp_path / "llava-15-like", kit, "mlp2x_gelu", seed=3)
+    old = load_file(str(base / "model.safetensors"))
+    recipe = TinyRecipe(out=tmp_path / "run", kit=kit.root, model=base, data=tmp_path / "data",
+                        steps1=2, steps2=2, lr1=0.0, save_steps=10)
+    recipe.run()
+    stage1 = torch.load(recipe.stage_dir(1) / "mm_projector.bin", weights_only=True)
+    assert any(".lca." in k for k in stage1)
+    for part in ("0.weight", "0.bias", "2.weight", "2.bias"):
+        assert torch.equal(stage1[f"model.mm_projector.mpp.mlp.{part}"], old[f"model.mm_projector.{part}"]), part
+    tokenizer, model, processor, _ = _load(recipe.stage_dir(2), base, recipe.stage_dir(2).name)
+    assert isinstance(model.get_model().mm_projector, FeallmProjector)
+    assert isinstance(_generate(tokenizer, model, processor), str)
