@@ -13,6 +13,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "tiny-kit": ("feallm_llava.tinykit", "build the offline tiny LLaVA kit (tokenizer, LLM, CLIP)"),
+    "train-tiny": ("feallm_llava.recipe", "both training stages on the tiny kit, on CPU, through llava's train_mem"),
     "build-dataset": ("feallm_llava.data.build", "build the FEA instruction set from labelled faces"),
     "eval": ("feallm_llava.eval.run", "run a model on FEABench / RAF-DB / AffectNet / BP4D / DISFA"),
     "score": ("feallm_llava.eval.score", "score predictions.jsonl files: tables and plots"),

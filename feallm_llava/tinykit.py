@@ -25,7 +25,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from feallm_llava.data.labels import AU_NAMES, EXPRESSIONS
+from feallm_llava.facs.labels import AU_NAMES, EXPRESSIONS
+from feallm_llava.integration import assemble
 
 KIT_VERSION = 1
 
@@ -130,27 +131,26 @@ def load_tokenizer(path: Path | str):
     return AutoTokenizer.from_pretrained(str(path), use_fast=False)
 
 
+def _widths(hidden: int, intermediate: int, layers: int, heads: int) -> dict[str, int]:
+    """A transformer's sizes as transformers' configs name them."""
+    return {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+            "num_attention_heads": heads}
+
+
 def _build_llm(kit: Kit) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     spec = kit.spec
-    tokenizer = load_tokenizer(kit.tokenizer)
+    vocab = len(load_tokenizer(kit.tokenizer))
     torch.manual_seed(spec.seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.llm_hidden,
-        intermediate_size=spec.llm_intermediate,
-        num_hidden_layers=spec.llm_layers,
-        num_attention_heads=spec.llm_heads,
-        num_key_value_heads=spec.llm_heads,
-        max_position_embeddings=spec.max_positions,
-        bos_token_id=1, eos_token_id=2, pad_token_id=None,
-        tie_word_embeddings=False,
-        initializer_range=spec.llm_init_std,
+        **_widths(spec.llm_hidden, spec.llm_intermediate, spec.llm_layers, spec.llm_heads),
+        vocab_size=vocab, num_key_value_heads=spec.llm_heads,
+        max_position_embeddings=spec.max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+        tie_word_embeddings=False, initializer_range=spec.llm_init_std,
     )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(kit.llm, safe_serialization=True)
+    LlamaForCausalLM(config).save_pretrained(kit.llm, safe_serialization=True)
     for f in kit.tokenizer.iterdir():
         shutil.copy(f, kit.llm / f.name)
 
@@ -162,13 +162,8 @@ def _build_clip(kit: Kit) -> None:
     spec = kit.spec
     torch.manual_seed(spec.seed + 1)
     config = CLIPVisionConfig(
-        hidden_size=spec.clip_hidden,
-        intermediate_size=spec.clip_intermediate,
-        num_hidden_layers=spec.clip_layers,
-        num_attention_heads=spec.clip_heads,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        projection_dim=spec.clip_hidden,
+        **_widths(spec.clip_hidden, spec.clip_intermediate, spec.clip_layers, spec.clip_heads),
+        image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.clip_hidden,
     )
     CLIPVisionModel(config).save_pretrained(kit.clip, safe_serialization=True)
     CLIPImageProcessor(
@@ -198,40 +193,13 @@ def build_kit(root: Path | str, spec: KitSpec | None = None) -> Kit:
 
 def llava_model_args(kit: Kit, projector_type: str = "feallm", **overrides):
     """The `ModelArguments` upstream's train script would parse for this kit."""
-    from feallm_llava.registry import model_arguments_class
-
-    args = model_arguments_class()(
-        model_name_or_path=str(kit.llm),
-        version="v1",
-        vision_tower=str(kit.clip),
-        mm_vision_select_layer=-2,
-        mm_projector_type=projector_type,
-        mm_use_im_start_end=False,
-        mm_use_im_patch_token=False,
-    )
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
+    return assemble.llava_model_args(kit.llm, kit.clip, projector_type, **overrides)
 
 
 def build_llava_model(kit: Kit, projector_type: str = "feallm", seed: int = 0, **overrides):
     """An upstream `LlavaLlamaForCausalLM` on the kit, built as train.py builds it."""
-    import torch
-
-    import feallm_llava
-    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
-
-    feallm_llava.register()
-    torch.manual_seed(seed)
-    model = LlavaLlamaForCausalLM.from_pretrained(str(kit.llm), torch_dtype=torch.float32)
-    args = llava_model_args(kit, projector_type, **overrides)
-    model.get_model().initialize_vision_modules(model_args=args)
-    model.config.mm_use_im_start_end = False
-    model.config.mm_use_im_patch_token = False
-    model.config.image_aspect_ratio = "pad"
-    model.config.tokenizer_padding_side = "right"
-    model.config.tokenizer_model_max_length = kit.spec.max_positions
-    return model
+    return assemble.build_llava_model(kit.llm, kit.clip, projector_type, seed,
+                                      max_length=kit.spec.max_positions, **overrides)
 
 
 def build_llava(out: Path | str, kit: Kit, projector_type: str = "feallm", seed: int = 0, **overrides) -> Path:

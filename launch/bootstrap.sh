@@ -29,7 +29,7 @@ echo "[bootstrap] installing into $venv (first run: several minutes)"
 $pip install -q "torch==2.13.0"
 # deepspeed builds against the installed torch; no CUDA ops here (DS_BUILD_OPS=0).
 DS_BUILD_OPS=0 $pip install -q --no-build-isolation "deepspeed==0.19.8"
-# upstream LLaVA without its 2023 pins (torch 2.0 / transformers 4.36); compat.py mends it.
+# upstream LLaVA without its 2023 pins (torch 2.0 / transformers 4.36); feallm_llava.integration.compat mends it.
 $pip install -q --no-deps "llava-torch==1.2.2.post1"
 $pip install -q --no-build-isolation -e ".[${extras}]"
 case ",$extras," in

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU smoke test of the training path (issue 4, item 7), a few minutes on one GPU: the
+# GPU smoke test of the training path, a few minutes on one GPU: the
 # two FEALLM stages on the offline tiny kit through the same launch the 7B recipe uses
 # (`deepspeed --num_gpus 1 --module llava.train.train_mem`, launch/zero2.json, bf16,
 # gradient checkpointing, flash-attn when installed else sdpa), then upstream's loader on
@@ -128,7 +128,7 @@ check_stage1() {
 import sys
 from pathlib import Path
 import torch
-from feallm_llava.checkpoint import load_weights
+from feallm_llava.model.weights import load_weights
 run = Path(sys.argv[1])
 saved = torch.load(run / "mm_projector.bin", weights_only=True)
 twin = load_weights(run / "mm_projector.safetensors")

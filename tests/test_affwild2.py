@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from feallm_llava.data.affwild2 import LabelFileError, detect_layout, read_affwild2
-from feallm_llava.data.labels import AUS, EXPRESSIONS, PROTOTYPES
+from feallm_llava.facs.labels import AUS, EXPRESSIONS, PROTOTYPES
 from feallm_llava.data.records import SkipCounter
 
 AU_HEADER_2022 = ",".join(f"AU{a}" for a in AUS)

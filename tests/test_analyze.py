@@ -21,7 +21,7 @@ from feallm_llava.serve.annotate_png import annotate_image, face_label
 
 skdata = pytest.importorskip("skimage.data", reason="scikit-image ships the astronaut photo")
 
-# Where OpenCV's Haar cascade finds the astronaut (notes/datasets-and-assets.md).
+# Where OpenCV's Haar cascade finds the astronaut (opencv-python-headless 4.14).
 ASTRONAUT_FACE = (177, 66, 95, 95)
 MAX_NEW_TOKENS = 6  # plumbing only: short answers keep the tiny model fast
 

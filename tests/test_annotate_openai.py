@@ -1,4 +1,4 @@
-"""OpenAI annotator with the real `openai` client against tests/fake_openai.py on 127.0.0.1."""
+"""OpenAI annotator with the real `openai` client against feallm_llava.testing.fake_openai on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from feallm_llava.data.annotate_openai import (PROMPT_VERSION, RESPONSE_SCHEMA, 
                                                Prices, cache_key, collect_batch, submit_batch,
                                                write_batch_input)
 from feallm_llava.data.annotation_cache import AnnotationCache, CacheError
-from feallm_llava.data.labels import AU_NAMES, AUS, EXPRESSIONS, PROTOTYPES
+from feallm_llava.facs.labels import AU_NAMES, AUS, EXPRESSIONS, PROTOTYPES
 from feallm_llava.data.records import validate_annotation
-from tests.fake_openai import Fault, Reply, per_image, start_fake_openai
+from feallm_llava.testing.fake_openai import Fault, Reply, per_image, start_fake_openai
 from tests.test_affwild2 import make_affwild2_tree, write_face
 
 REPO = Path(__file__).resolve().parents[1]

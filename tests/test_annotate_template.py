@@ -7,9 +7,9 @@ import random
 import pytest
 
 from feallm_llava.data.annotate_template import TemplateAnnotator
-from feallm_llava.data.labels import AU_NAMES, AUS, EXPRESSIONS, PROTOTYPES
+from feallm_llava.facs.labels import AU_NAMES, AUS, EXPRESSIONS, PROTOTYPES
 from feallm_llava.data.records import Annotation, validate_annotation
-from feallm_llava.eval.parse import parse_aus, parse_expression
+from feallm_llava.facs.parse import parse_aus, parse_expression
 
 
 def labels(active, known=AUS):

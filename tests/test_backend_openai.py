@@ -1,4 +1,4 @@
-"""The OpenAI-compatible backend against a real HTTP server on 127.0.0.1 (tests/fake_openai.py)."""
+"""The OpenAI-compatible backend against a real HTTP server on 127.0.0.1 (feallm_llava.testing.fake_openai)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import time
 import pytest
 from PIL import Image
 
-from feallm_llava.eval.backend_openai import BackendError, OpenAIBackend
+from feallm_llava.inference.openai_client import BackendError, OpenAIBackend
 from feallm_llava.eval.items import EvalItem
-from tests.fake_openai import Fault, per_image, start_fake_openai
+from feallm_llava.testing.fake_openai import Fault, per_image, start_fake_openai
 
 
 def _items(tmp_path, n: int, crop=None) -> list[EvalItem]:

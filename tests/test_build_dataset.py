@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from feallm_llava.cli import main
-from feallm_llava.data.labels import AUS, EXPRESSIONS
+from feallm_llava.facs.labels import AUS, EXPRESSIONS
 from feallm_llava.data.records import Annotation, FaceRecord, validate_annotation
 from feallm_llava.data.split import parse_class_caps, split_and_sample
 from feallm_llava.data.templates import load_templates
-from feallm_llava.eval.parse import parse_aus
-from tests.fake_openai import start_fake_openai
+from feallm_llava.facs.parse import parse_aus
+from feallm_llava.testing.fake_openai import start_fake_openai
 from tests.test_affwild2 import au_row, make_affwild2_tree, write_video
 from tests.test_annotate_openai import good
 

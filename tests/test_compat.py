@@ -2,7 +2,7 @@
 
 The same probes (one per shim, listed in PROBES) run twice: in a fresh Python with
 `FEALLM_LLAVA_AUTOLOAD=0`, where upstream's code runs unshimmed and must fail exactly as
-`feallm_llava.compat` says it does; and in this process, shimmed, where the same calls
+`feallm_llava.integration.compat` says it does; and in this process, shimmed, where the same calls
 must succeed (or get past the point where upstream failed). A shim that the installed
 versions do not need must leave upstream untouched. When an upgrade makes a needed
 shim's failure go away, `test_upstream_without_shims_fails_as_known` says so.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from feallm_llava import compat
+from feallm_llava.integration import compat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -311,6 +311,7 @@ def register_and_compare(names: list[str]) -> dict[str, dict]:
     import importlib.util
 
     import feallm_llava
+    from feallm_llava.integration.marks import is_marked
 
     before = {}
     for name in names:
@@ -323,7 +324,7 @@ def register_and_compare(names: list[str]) -> dict[str, dict]:
     report = {}
     for name, old in before.items():
         new = attribute(*TARGETS[name])
-        report[name] = {"unchanged": new is old, "marked": hasattr(new, "__feallm_compat__")}
+        report[name] = {"unchanged": new is old, "marked": is_marked(new, name)}
     return report
 
 

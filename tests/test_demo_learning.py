@@ -1,4 +1,4 @@
-"""The demo's pipeline learns (issue 8): a learning test, not a snapshot.
+"""The demo's pipeline learns: a learning test, not a snapshot.
 
 `feallm demo --until readout` with the demo's own settings: synthetic FACS faces in
 Aff-Wild2's layout -> `feallm build-dataset` -> the tiny kit -> the text warm-up ->
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 
-from feallm_llava.demo import DemoConfig, blind_baselines, run_demo
+from feallm_llava.demo.config import DemoConfig
+from feallm_llava.demo.pipeline import blind_baselines, run_demo
 
 
 def test_stage1_captions_of_held_out_faces_beat_the_blind_baselines(tmp_path, monkeypatch):

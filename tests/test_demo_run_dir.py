@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from feallm_llava.demo import MANIFEST, DemoConfig, Run
+from feallm_llava.demo.config import DemoConfig
+from feallm_llava.demo.rundir import MANIFEST, Run
 
 
 def test_non_empty_foreign_directory_is_refused(tmp_path):
@@ -63,7 +64,7 @@ def test_until_names_a_stage():
 
 
 def test_chance_line_gives_the_blind_baselines():
-    from feallm_llava.demo import _chance_line
+    from feallm_llava.demo.pipeline import _chance_line
 
     truth = [
         {"expression": "Happiness", "aus": [1]},

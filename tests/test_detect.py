@@ -13,7 +13,7 @@ from feallm_llava.serve.detect import FaceBox, crop_face, detect_faces
 
 skdata = pytest.importorskip("skimage.data", reason="scikit-image ships the astronaut photo")
 
-# Where the cascade finds the astronaut's face (notes/datasets-and-assets.md).
+# Where the cascade finds the astronaut's face (opencv-python-headless 4.14).
 ASTRONAUT_FACE = (177, 66, 95, 95)
 
 

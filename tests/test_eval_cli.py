@@ -14,13 +14,13 @@ from pathlib import Path
 from PIL import Image
 
 from feallm_llava.cli import main as cli
-from feallm_llava.data.labels import AUS
+from feallm_llava.facs.labels import AUS
 from feallm_llava.eval.predictions import read_predictions
-from tests.fake_openai import start_fake_openai
+from feallm_llava.testing.fake_openai import start_fake_openai
 
 REPO = Path(__file__).resolve().parents[1]
-LINE_KEYS = ["id", "image", "task", "question", "answer", "gt_expression", "gt_aus", "au_targets",
-             "bench", "model", "pred_expression", "pred_aus"]
+LINE_KEYS = ["id", "image", "task", "question", "gt_expression", "gt_aus", "au_targets", "bench",
+             "answer", "model"]
 
 
 def _rafdb(root: Path, n: int, missing: tuple[int, ...] = ()) -> dict[str, str]:
@@ -55,14 +55,14 @@ def test_eval_writes_one_line_per_item_with_the_documented_fields(tmp_path):
         assert cli(_eval_args(tmp_path / "raf", tmp_path / "out", server)) == 0
     lines = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in lines] == [f"test_{i:04d}" for i in range(1, 6)]
-    assert all(list(r) == LINE_KEYS for r in lines)
-    assert {r["pred_expression"] for r in lines} == {"Happiness"}
+    assert all(list(r) == LINE_KEYS for r in lines)  # answers only: the scorer parses them
+    assert {r["answer"] for r in lines} == {_happy(None)}
     assert lines[0]["gt_expression"] == "Fear" and lines[0]["model"] == "fake-vlm"
     summary = json.loads((tmp_path / "out" / "run.json").read_text())
     assert summary["answered_now"] == 5 and summary["answered_before"] == 0
 
 
-def test_feabench_aud_lines_carry_parsed_aus(tmp_path):
+def test_feabench_lines_carry_the_truth_the_scorer_needs(tmp_path):
     data = tmp_path / "fea"
     data.mkdir()
     Image.new("RGB", (16, 16), (1, 2, 3)).save(data / "a.jpg")
@@ -71,8 +71,11 @@ def test_feabench_aud_lines_carry_parsed_aus(tmp_path):
     with start_fake_openai(_happy) as server:
         assert cli(_eval_args(data, tmp_path / "out", server, bench="feabench")) == 0
     fer, aud = read_predictions(tmp_path / "out" / "predictions.jsonl")
-    assert (fer["task"], fer["pred_expression"], fer["pred_aus"]) == ("fer", "Happiness", None)
-    assert (aud["task"], aud["gt_aus"], aud["au_targets"], aud["pred_aus"]) == ("aud", [6, 12], list(AUS), [6, 12])
+    assert (fer["task"], fer["gt_expression"], fer["answer"]) == ("fer", "Happiness", _happy(None))
+    assert (aud["task"], aud["gt_aus"], aud["au_targets"]) == ("aud", [6, 12], list(AUS))
+    assert cli(["score", str(tmp_path / "out" / "predictions.jsonl"), "--out", str(tmp_path / "report")]) == 0
+    (row,) = json.loads((tmp_path / "report" / "scores.json").read_text())["rows"]
+    assert row["fer"]["accuracy"] == 1.0 and row["aud"]["f1"]["AU06"] == 1.0 and row["aud"]["f1"]["AU12"] == 1.0
 
 
 def test_rerun_asks_nothing_already_answered(tmp_path):

@@ -23,7 +23,7 @@ def feallm_model(kit):
 
 def test_registry_builds_feallm_modules(feallm_model, kit):
     from feallm_llava.model.projector import FeallmProjector
-    from feallm_llava.model.tower import FeallmVisionTower
+    from feallm_llava.integration.tower import FeallmVisionTower
 
     inner = feallm_model.get_model()
     assert isinstance(inner.mm_projector, FeallmProjector)

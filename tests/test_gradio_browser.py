@@ -80,9 +80,9 @@ def _until(fn, timeout: float = WAIT, every: float = 0.1):
 
 def test_chat_page_streams_the_workers_answer_about_an_uploaded_face(served, browser, tmp_path):
     face = tmp_path / "face.png"
-    from feallm_llava.compat import serve_example_rows
+    from feallm_llava.integration.compat.serving import serve_example_rows
 
-    Image.open(serve_example_rows(tmp_path / "examples")[0][0]).save(face)  # the synthetic face
+    Image.open(serve_example_rows()[0][0]).save(face)  # the synthetic face
     requests_before = served.worker.log.read_text().count("POST /worker_generate_stream")
 
     browser.get(served.web.url + "/")

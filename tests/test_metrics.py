@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from feallm_llava.data.labels import AUS, EXPRESSIONS
+from feallm_llava.facs.labels import AUS, EXPRESSIONS
 from feallm_llava.eval.metrics import (
     au_f1, au_matrix, au_metrics, confusion_matrix, fer_accuracy, fer_metrics,
 )

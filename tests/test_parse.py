@@ -3,7 +3,7 @@
 Each AU row gives the exact AU set the text asserts, so a row checks at once that the
 AUs named are found and that no other AU (a negated one, a number that is a quantity)
 sneaks in. Rows marked EmoLA are the failure modes of EmoLA's scorer
-(/work/shared/notes/peers.md): `re.findall(r"AU(\\d+)")` looked up by string drops
+(its published scorer): `re.findall(r"AU(\\d+)")` looked up by string drops
 "AU01", misses "AU 12" and "action unit 12", counts "no AU4"; its emotion keywords
 drop every sentence containing "no"/"not" as a substring ("nose").
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from feallm_llava.data.labels import AU_NAMES, EXPRESSIONS
-from feallm_llava.eval.parse import parse, parse_aus, parse_expression
+from feallm_llava.facs.labels import AU_NAMES, EXPRESSIONS
+from feallm_llava.facs.parse import parse, parse_aus, parse_expression
 
 AU_CASES: list[tuple[str, set[int]]] = [
     # numbers, every spelling

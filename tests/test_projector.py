@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from feallm_llava.model.config import FeallmConfig
-from feallm_llava.model.projector import FeallmProjector, TowerFeatures
+from feallm_llava.model.features import TowerFeatures
+from feallm_llava.model.projector import FeallmProjector
 
 VISION, LLM, GRID = 32, 48, (4, 4)
 N = GRID[0] * GRID[1]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from feallm_llava.data.labels import AUS, EXPRESSIONS
+from feallm_llava.facs.labels import AUS, EXPRESSIONS
 from feallm_llava.data.templates import load_templates
 from feallm_llava.eval.benchmarks import BENCHMARKS, load_items
 from feallm_llava.eval.readers import BP4D_FOLDS, DISFA_FOLDS, ReaderOptions

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from feallm_llava.data.labels import AUS, EXPRESSIONS, PROTOTYPES
 from feallm_llava.data.synthetic import (
     AU_HEADER,
     EXPR_HEADER,
@@ -19,12 +18,13 @@ from feallm_llava.data.synthetic import (
     SyntheticConfig,
     au_region_box,
     caption,
-    parse_caption,
     render_face,
     sample_expression,
     sample_grid,
     write_affwild2,
 )
+from feallm_llava.facs.labels import AUS, EXPRESSIONS, PROTOTYPES
+from feallm_llava.facs.parse import parse
 
 SIZE = 112
 
@@ -118,24 +118,26 @@ def test_every_au_is_frequent_enough_to_learn():
     assert not rare, f"AUs active in under 8% of frames: {rare}"
 
 
-def test_parse_caption_inverts_caption():
+def test_the_one_parser_reads_every_caption_back():
     rng = np.random.default_rng(0)
     for _ in range(200):
         expression = EXPRESSIONS[int(rng.integers(len(EXPRESSIONS)))]
         aus = {int(au): float(rng.uniform(0.1, 1.0)) for au in AUS if rng.random() < 0.3}
-        assert parse_caption(caption(aus, expression)) == (expression, sorted(aus))
+        read = parse(caption(aus, expression), AUS)
+        assert (read.expression, sorted(read.aus)) == (expression, sorted(aus))
 
 
-def test_parse_caption_reads_what_a_garbled_caption_says():
+def test_a_garbled_caption_reads_as_what_it_says():
     # "tightened lips" must not be read from "tightened eyelids", nor AU4 from "brows" alone
-    assert parse_caption("a drawn angry face with tightened eyelids and knitted brows and") == ("Anger", [7])
-    assert parse_caption("a drawn face with lowered, knitted brows and a dropped jaw jaw") == (None, [4, 26])
-    assert parse_caption("") == (None, [])
+    read = parse("a drawn angry face with tightened eyelids and brows and", AUS)
+    assert (read.expression, sorted(read.aus)) == ("Anger", [7])
+    read = parse("a drawn face with lowered, knitted brows and a dropped jaw jaw", AUS)
+    assert (read.expression, sorted(read.aus)) == (None, [4, 26])
 
 
 def test_caption_names_the_expression_and_each_au():
     text = caption({1: 0.9, 12: 0.8}, "Happiness")
-    assert text == "a drawn happy face with raised inner brows and a smile"
+    assert text == "a drawn happy face with raised inner brows and up-turned lip corners"
     assert caption({}, "Neutral") == "a drawn calm face with relaxed features"
     assert "slightly parted lips" in caption({25: 0.2, 26: 0.9}, "Surprise")
 

@@ -1,4 +1,4 @@
-"""Question templates: data files in datasets/templates, loaded and validated."""
+"""Question templates: packaged data files, loaded and validated."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """Annotator concurrency benchmark: sequential vs `--concurrency N` against a server with
-fixed latency per request (issue 6: 200 images, 200 ms, concurrency 16, ratio > 8).
+fixed latency per request (default 200 images, 200 ms, concurrency 16; target ratio > 8).
 
     python -m feallm_llava.bench annotate [--images 200] [--latency 0.2] [--concurrency 16]
     python -m feallm_llava.bench.annotate ...          (the same, standalone)
 
-The server is the test suite's fake OpenAI server (`tests/fake_openai.py`, real HTTP on
-127.0.0.1), so this runs from a repository checkout. Each run uses a fresh cache (nothing
+The server is the package's stand-in OpenAI server (`feallm_llava.testing.fake_openai`,
+real HTTP on 127.0.0.1). Each run uses a fresh cache (nothing
 is served from cache); images are tiny random JPEGs. The answers are valid, so each
 image costs exactly one request and the times measure the transport and the pool.
 Prints both times and the ratio; exit status 0 when the ratio beats `--min-ratio`.
@@ -14,7 +14,6 @@ Prints both times and the ratio; exit status 0 when the ratio beats `--min-ratio
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import sys
@@ -26,21 +25,8 @@ from PIL import Image
 
 from feallm_llava.data.annotate_openai import AnnotationItem, OpenAIAnnotator, OpenAIConfig
 from feallm_llava.data.annotation_cache import AnnotationCache
-from feallm_llava.data.labels import AU_NAMES, AUS, EXPRESSIONS, PROTOTYPES
-
-_FAKE = Path(__file__).resolve().parents[2] / "tests" / "fake_openai.py"
-
-
-def _fake_openai():
-    if not _FAKE.is_file():
-        raise SystemExit(f"bench annotate: {_FAKE} not found; the benchmark runs from a "
-                         f"repository checkout (it uses the tests' fake OpenAI server)")
-    spec = importlib.util.spec_from_file_location("_feallm_fake_openai", _FAKE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
+from feallm_llava.facs.labels import AU_NAMES, AUS, EXPRESSIONS, PROTOTYPES
+from feallm_llava.testing.fake_openai import start_fake_openai
 
 def _answer(text: str) -> str:
     """A valid structured answer for the labels written in the prompt."""
@@ -99,9 +85,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
                                          description=__doc__.split("\n\n")[0])
         add_arguments(parser)
         args = parser.parse_args(args)
-    fake = _fake_openai()
     with tempfile.TemporaryDirectory(prefix="feallm-bench-") as tmp, \
-            fake.start_fake_openai(lambda req: _answer(req.text), latency=args.latency) as server:
+            start_fake_openai(lambda req: _answer(req.text), latency=args.latency) as server:
         folder = Path(tmp)
         items = _items(folder, args.images)
         sequential = _timed_run(server.base_url, items, 1, folder / "seq.jsonl")

@@ -10,7 +10,7 @@ download; timing does not depend on the weights), run as llava runs it
 (llava's -2), shallow = `cfg.shallow_layers`, patch tokens only. LLM width 4096
 (Vicuna-7B). Times are the median of `--reps` forwards under `torch.no_grad` after
 `--warmup` untimed ones, timed round-robin across the modules; wall-clock and process
-CPU time are both printed. Target (issue 3): FEALLM projector <= 10% of the tower.
+CPU time are both printed. Target: FEALLM projector <= 10% of the tower.
 
 On a machine shared with other jobs, run with `OMP_WAIT_POLICY=PASSIVE` (or
 `--threads 1`): with OpenMP's default spin-waiting, every small op of the projector
@@ -34,12 +34,13 @@ from torch import nn
 
 from feallm_llava.model.config import FeallmConfig
 from feallm_llava.model.mpp import mlp2x_gelu
-from feallm_llava.model.projector import FeallmProjector, TowerFeatures
+from feallm_llava.model.features import TowerFeatures
+from feallm_llava.model.projector import FeallmProjector
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LLM_HIDDEN = 4096  # Vicuna-7B / LLaMA-7B hidden size
 DEEP_LAYER = 23  # llava-1.5: mm_vision_select_layer = -2 -> hidden_states[23] of 25
-TARGET = 0.10  # issue 3: projector <= 10% of the tower's forward time
+TARGET = 0.10  # the design's target: projector <= 10% of the tower's forward time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -103,7 +103,7 @@ def _measure(backend, items, args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from feallm_llava.eval.backend_llava import LlavaBackend
+    from feallm_llava.inference.llava_runner import LlavaBackend
     from feallm_llava.tinykit import build_kit, build_llava
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,14 +1,17 @@
-"""Data: label spaces, dataset readers, the FEA instruction set and its annotators.
+"""Data: dataset readers, the FEA instruction set and its annotators, synthetic faces.
 
-- `labels`: the 7 expressions, the 12 AUs, FACS names and prototypes.
 - `records`: `FaceRecord` (one labelled face), `Annotation` (its three texts),
   `validate_annotation`, `SkipCounter`.
 - `affwild2`: Aff-Wild2 reader for both challenge layouts.
 - `split`: subject-disjoint split and seeded sampling with per-class caps.
-- `templates`: question templates (`datasets/templates/*.json`).
+- `templates`: question templates (packaged JSON, `resources/templates/`).
 - `annotate_template`: offline, seeded annotator from labels and FACS names.
 - `annotate_openai`: GPT-4o annotator (structured output, validation, retries,
   regeneration, fallback, cache, Batch API).
 - `annotation_cache`: append-only, crash-safe JSONL cache.
 - `build`: the `feallm build-dataset` command.
+- `synthetic`: FACS faces drawn from AUs, in Aff-Wild2's layout (the demo's data).
+- `images`: safe image loading; `llava_json`: LLaVA conversation-file checks.
+
+The label spaces and the text parser are one floor down, in `feallm_llava.facs`.
 """

@@ -1,6 +1,6 @@
 """Aff-Wild2 (ABAW) reader: expression + AU labels of both challenge layouts -> FaceRecords.
 
-Layouts (notes/datasets-and-assets.md):
+Layouts (as the ABAW challenges released them):
 
 - 2020 (ABAW1): `EXPR_Set/` and `AU_Set/`, each with `Training_Set/` and
   `Validation_Set/`. Its AU files label only 8 AUs: AU1, AU2, AU4, AU6, AU12, AU15, AU20,
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from feallm_llava.data.labels import AUS, EXPRESSIONS
+from feallm_llava.facs.labels import AUS, EXPRESSIONS
 from feallm_llava.data.records import FaceRecord, SkipCounter
 
 # Aff-Wild2 EXPR index 7 = "Other" (2022+ challenges); not one of FEALLM's 7 classes.
@@ -129,26 +129,37 @@ def _ints(path: Path, number: int, line: str, n_columns: int) -> list[int]:
                              f"(-1 = invalid)") from None
 
 
-def read_expression_file(path: Path, skips: SkipCounter, *,
-                         on_bad_line: str = "error") -> dict[int, str]:
-    """frame number -> expression name, valid frames only; invalid/Other frames counted."""
-    labels: dict[int, str] = {}
-    _, lines = _read_lines(path)
+def _label_rows(path: Path, lines: list[tuple[int, str]], n_columns: int, allowed: range | tuple[int, ...],
+                problem: str, skips: SkipCounter, on_bad_line: str):
+    """(frame, values, "file:line") of each well-formed data line; a bad line raises
+    (`problem` formats its first bad value), or is skipped and counted with
+    on_bad_line="skip"."""
     for number, line in lines:
-        frame = number - 1  # data line i (0-based) = file line i + 2 = frame i + 1
         try:
-            (value,) = _ints(path, number, line, 1)
-            if value not in range(INVALID, OTHER_INDEX + 1):
-                raise LabelFileError(path, number, f"expression {value} outside -1..7")
+            values = _ints(path, number, line, n_columns)
+            bad = [v for v in values if v not in allowed]
+            if bad:
+                raise LabelFileError(path, number, problem.format(bad[0]))
         except LabelFileError:
             if on_bad_line != "skip":
                 raise
             skips.add("bad_label_line", f"{path}:{number}")
             continue
+        yield number - 1, values, f"{path}:{number}"  # data line i (0-based) = file line i + 2 = frame i + 1
+
+
+def read_expression_file(path: Path, skips: SkipCounter, *,
+                         on_bad_line: str = "error") -> dict[int, str]:
+    """frame number -> expression name, valid frames only; invalid/Other frames counted."""
+    labels: dict[int, str] = {}
+    _, lines = _read_lines(path)
+    rows = _label_rows(path, lines, 1, range(INVALID, OTHER_INDEX + 1), "expression {} outside -1..7",
+                       skips, on_bad_line)
+    for frame, (value,), where in rows:
         if value == INVALID:
-            skips.add("expr_invalid", f"{path}:{number}")
+            skips.add("expr_invalid", where)
         elif value == OTHER_INDEX:
-            skips.add("expr_other", f"{path}:{number}")
+            skips.add("expr_other", where)
         else:
             labels[frame] = EXPRESSIONS[value]
     return labels
@@ -169,20 +180,11 @@ def read_au_file(path: Path, layout: Layout, skips: SkipCounter, *,
     columns = _au_columns(header, layout)
     keep = [(i, au) for i, au in enumerate(columns) if au in AUS]
     labels: dict[int, dict[int, int]] = {}
-    for number, line in lines:
-        frame = number - 1
-        try:
-            values = _ints(path, number, line, len(columns))
-            bad = [v for v in values if v not in (INVALID, 0, 1)]
-            if bad:
-                raise LabelFileError(path, number, f"AU value {bad[0]} is not 0, 1 or -1")
-        except LabelFileError:
-            if on_bad_line != "skip":
-                raise
-            skips.add("bad_label_line", f"{path}:{number}")
-            continue
+    rows = _label_rows(path, lines, len(columns), (INVALID, 0, 1), "AU value {} is not 0, 1 or -1",
+                       skips, on_bad_line)
+    for frame, values, where in rows:
         if INVALID in values:
-            skips.add("au_invalid", f"{path}:{number}")
+            skips.add("au_invalid", where)
             continue
         labels[frame] = {au: values[i] for i, au in keep}
     return labels

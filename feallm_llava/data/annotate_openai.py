@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from feallm_llava.data.annotate_template import TemplateAnnotator
 from feallm_llava.data.annotation_cache import AnnotationCache
-from feallm_llava.data.labels import AU_NAMES, AUS, au_key
+from feallm_llava.facs.labels import AU_NAMES, AUS, au_key
 from feallm_llava.data.records import Annotation, FaceRecord, validate_annotation
 
 # Bump when the prompt or the schema changes: cached answers of another version are not

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from feallm_llava.data.labels import AU_NAMES, AUS, PROTOTYPES, au_key, check_expression
+from feallm_llava.facs.labels import AU_NAMES, AUS, PROTOTYPES, au_key, check_expression
 from feallm_llava.data.records import Annotation
 
 # What each AU does to the face (FACS manual descriptions, paraphrased), several wordings.

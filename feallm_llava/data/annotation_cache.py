@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from ..jsonl import DamagedLine, JsonlAppender, read_lines
+from feallm_llava.jsonl import DamagedLine, JsonlAppender, read_lines
 
 
 class CacheError(ValueError):

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from feallm_llava.data.affwild2 import LabelFileError, read_affwild2
 from feallm_llava.data.annotate_template import WORDINGS, TemplateAnnotator
-from feallm_llava.data.labels import AUS, EXPRESSIONS, au_key
+from feallm_llava.facs.labels import AUS, EXPRESSIONS, au_key
 from feallm_llava.data.records import (INSTRUCTION_TYPES, Annotation, FaceRecord, SkipCounter,
                                        validate_annotation)
 from feallm_llava.data.split import (PAPER_EVAL_SIZE, PAPER_TRAIN_SIZE, parse_class_caps,
@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="image paths in train/eval.json: relative to the image folder "
                           "(LLaVA --image_folder) or absolute")
     out.add_argument("--templates", type=Path, default=None,
-                     help="question template folder (default: datasets/templates)")
+                     help="question template folder (default: the packaged templates)")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
     ann = parser.add_argument_group("annotator")
     ann.add_argument("--annotator", choices=["auto", "template", "openai"], default="auto",

@@ -4,7 +4,7 @@ the tally of what was skipped on the way.
 `FaceRecord` is what every dataset reader yields (one labelled face); `Annotation` is the
 three instruction texts of paper section 3.2 for one face; `validate_annotation` checks an
 annotation against the face's expert labels with the same parser FEABench scores with
-(`feallm_llava.eval.parse`); `SkipCounter` counts frames dropped for a reason, with a few
+(`feallm_llava.facs.parse`); `SkipCounter` counts frames dropped for a reason, with a few
 examples each, so a report can say how many and where.
 """
 
@@ -16,14 +16,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from feallm_llava.data.labels import AU_NAMES, AUS, EXPRESSIONS, au_key
+from feallm_llava.facs.labels import AU_NAMES, AUS, EXPRESSIONS, au_key
 
 # The three instruction types of paper section 3.2, in the order a multi-turn
 # conversation asks them.
 INSTRUCTION_TYPES: tuple[str, ...] = ("summary", "movement", "reasoning")
 
 # Aff-Wild2 marks the two people of a two-person video with these suffixes
-# (notes/datasets-and-assets.md, [inferred]); both halves are one person id for splitting.
+# (inferred from the ABAW file names); both halves are one person id for splitting.
 _SIDE_SUFFIX = re.compile(r"_(left|right)$")
 
 
@@ -115,14 +115,14 @@ def validate_annotation(annotation: Annotation, expression: str,
                         aus: dict[int, int]) -> list[str]:
     """Problems of `annotation` against the labels; an empty list means it is valid.
 
-    Rules (issue 6, paper section 3.2 "we validate it to ensure consistency with the
+    Rules (paper section 3.2, "we validate it to ensure consistency with the
     original annotations"), with the parser FEABench scores with:
     - summary: starts with the expression word and parses to that expression;
     - movement: parses to exactly the active AUs and writes each one's FACS name;
     - reasoning: parses to the expression and names only active AUs.
     An AU whose label is unknown counts as "not active": the texts must not name it.
     """
-    from feallm_llava.eval.parse import parse  # one pass per text: expression and AUs
+    from feallm_llava.facs.parse import parse  # one pass per text: expression and AUs
 
     problems: list[str] = []
     active = {au for au, value in aus.items() if value == 1}

@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from feallm_llava.data.labels import EXPRESSIONS
+from feallm_llava.facs.labels import EXPRESSIONS
 from feallm_llava.data.records import FaceRecord
 
 # Paper section 3.1.

@@ -27,7 +27,7 @@ the expression label is always recoverable from the AUs). Nuisance variation: id
 (size, position, small rotation, lighting gain, noise, JPEG quality).
 
 `write_affwild2` writes a set in the Aff-Wild2 2022+ (ABAW) native layout, so the demo
-runs the real reader and instruction-set builder (notes/datasets-and-assets.md):
+runs the real reader and instruction-set builder:
 
     cropped_aligned/<video>/00001.jpg ...
     EXPR_Classification_Challenge/{Train_Set,Validation_Set}/<video>.txt
@@ -55,13 +55,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from feallm_llava.data.labels import AUS, EXPRESSIONS, PROTOTYPES, check_expression
+from feallm_llava.facs.labels import AUS, EXPRESSIONS, PROTOTYPES, check_expression
 
 # Bump when the drawing or the sampling changes: the manifest check then regenerates
 # instead of reusing a set drawn by older code.
 FORMAT_VERSION = 1
 
-# Aff-Wild2 2022+ headers (ABAW3+ annotation files; notes/datasets-and-assets.md).
+# Aff-Wild2 2022+ headers (ABAW3+ annotation files).
 EXPR_HEADER = "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other"
 AU_HEADER = ",".join(f"AU{au}" for au in AUS)
 EXPR_DIR = "EXPR_Classification_Challenge"
@@ -104,10 +104,8 @@ class SyntheticConfig:
     eye_spacing: tuple[float, float] = (0.88, 1.12)
     # Face half-width / image side. Aff-Wild2's cropped_aligned frames are tight, aligned
     # face crops, so the face fills the frame (the forehead top and the chin of a dropped
-    # jaw may touch the border). Measured on the demo's 24 x 40 frames at 112 px: a
-    # logistic regression on 28 x 28 pixels reads the expression of held-out subjects at
-    # 0.84 with faces this size and at 0.72 with the earlier (0.25, 0.285), which left
-    # half the frame to background.
+    # jaw may touch the border); a pixel probe read held-out expressions at 0.84 with
+    # faces this size, 0.72 with faces that left half the frame to background.
     face_scale: tuple[float, float] = (0.35, 0.38)
     # per-frame nuisance
     scale_jitter: float = 0.05           # relative size change
@@ -579,7 +577,7 @@ _AU_PHRASES: dict[int, str] = {
     6: "raised cheeks",
     7: "tightened eyelids",
     10: "a raised upper lip",
-    12: "a smile",
+    12: "up-turned lip corners",
     15: "down-turned lip corners",
     23: "tightened lips",
     24: "pressed lips",
@@ -590,11 +588,10 @@ _EXPR_ADJ: dict[str, str] = {
     "Neutral": "calm", "Anger": "angry", "Disgust": "disgusted", "Fear": "fearful",
     "Happiness": "happy", "Sadness": "sad", "Surprise": "surprised",
 }
-_ADJ_EXPR: dict[str, str] = {adj: expr for expr, adj in _EXPR_ADJ.items()}
 
 
 def caption(aus: Mapping[int, float] | Iterable[int], expression: str) -> str:
-    """A short LCS-558K-style caption: 'a drawn happy face with raised cheeks and a smile'."""
+    """A short LCS-558K-style caption: 'a drawn happy face with raised cheeks and up-turned lip corners'."""
     a = {au: v for au, v in _intensities(aus).items() if v > 0}
     adj = _EXPR_ADJ[check_expression(expression)]
     parts = [("slightly " if a[au] < 0.4 else "") + _AU_PHRASES[au] for au in AUS if au in a]
@@ -602,20 +599,6 @@ def caption(aus: Mapping[int, float] | Iterable[int], expression: str) -> str:
         return f"a drawn {adj} face with relaxed features"
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"a drawn {adj} face with {body}"
-
-
-def parse_caption(text: str) -> tuple[str | None, list[int]]:
-    """What a caption in `caption`'s words says: (expression or None, active AUs).
-
-    Reads a model's generated caption back: the first expression adjective it uses and
-    every AU whose phrase appears (with or without "slightly"). Words outside that
-    vocabulary are ignored, so a garbled caption scores what it does say.
-    """
-    words = text.lower().replace(",", " ").replace(".", " ").split()
-    expression = next((_ADJ_EXPR[w] for w in words if w in _ADJ_EXPR), None)
-    flat = " ".join(words)
-    aus = [au for au in AUS if " ".join(_AU_PHRASES[au].replace(",", " ").split()) in flat]
-    return expression, aus
 
 
 # ---------------------------------------------------------------------------------------

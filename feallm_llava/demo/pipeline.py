@@ -28,91 +28,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-MANIFEST = "feallm_demo.json"
+from feallm_llava.demo.config import DemoConfig
+from feallm_llava.demo.rundir import Run
+from feallm_llava.recipe import TinyRecipe
+
 BANNER = "SYNTHETIC-DATA RESULT OF THIS RUN (tiny model, toy scale; not a paper figure)"
 # Cores the demo uses: training threads and the processes drawing the synthetic faces.
 _CORES = min(2, os.cpu_count() or 1)
 STAGES = ("synthetic", "dataset", "kit", "warmup", "stage1", "readout", "stage2", "eval", "score", "analyze")
 
 
-@dataclass(frozen=True)
-class DemoConfig:
-    # Many identities, few frames each: with 19 training identities x 40 frames the tiny
-    # model learnt the identities and stayed at chance on held-out ones; with 2400
-    # training frames of 75 identities it has to learn the expressions (measured with
-    # direct training on the answer's first token: held-out FER 0.41 vs 0.19 after 400
-    # steps, 0.55 after 800).
-    subjects: int = 100
-    frames: int = 30
-    # 56 px faces: a logistic regression on 28 x 28 pixels reads held-out expressions at
-    # 0.94 (100 x 30 set), so 56 px loses nothing a small model can use, and a training
-    # step costs half as much as at 112 px (16 CLIP patches instead of 64; measured
-    # stage 2 0.4 vs 0.82 s/step on one core), which buys 600 + 800 steps in the
-    # 10-minute budget where 112 px held 150 + 500.
-    image_size: int = 56
-    train_size: int = 2400
-    eval_size: int = 160
-    # LCA at toy scale: crops of 24 px (a 336 px image's 112 px crops are a third of the
-    # side; here the crops are resized up from 28 and 42 px) pooled to 2 x 2, the whole
-    # map after four stride-2 convs (FeallmConfig.lca_pool).
-    crop_size: int = 24
-    lca_pool: int = 2
-    warmup_steps: int = 200
-    # Stage 1 is cheap at 56 px (about 0.17 s/step) and is where the projector learns the
-    # image. Its readout (the stage-1 checkpoint captions the held-out faces; `readout`)
-    # after 600 steps: FE 0.36 to 0.51, mean AU F1 0.43 to 0.57; after 1200: FE 0.60 to
-    # 0.89, mean AU F1 0.60 to 0.74 over five runs (blind baselines about 0.17 and 0.38);
-    # with the fixed wording, seeds 0 / 1 / 2: FE 0.93 / 0.91 / 0.69, AU 0.75 / 0.76 / 0.70.
-    steps1: int = 1200
-    # Stage 2 underfits at 800 steps: the AU answers of training faces scored as low as
-    # those of held-out ones (mean F1 0.59 vs 0.62). From one stage-1 checkpoint, 800 /
-    # 1000 / 1100 steps read FE 0.84 / 0.87 / 0.85, mean AU F1 0.62 / 0.71 / 0.76.
-    steps2: int = 1000
-    batch: int = 8
-    lora_r: int = 64
-    # Stage-1 lr, by the readout after 600 steps (FE, mean AU F1): 3e-4 0.36, 0.43;
-    # 7e-4 0.51, 0.57; 1e-3 0.34, 0.41.
-    lr1: float = 7e-4
-    # Stage 2 teaches the LLM to answer from what stage 1 put in the image tokens; the
-    # projector stays nearly where stage 1 left it. FEABench after 800 steps from the
-    # same 1200-step stage 1 (FE, mean AU F1): LoRA lr 5e-3 0.83, 0.69; 1e-2 0.74, 0.42;
-    # with the reasoning type too (0.4 instead of 0.27 s/step) lr 1e-2 0.41, 0.56. Whole
-    # runs at these defaults (FEABench FE, mean AU F1): seed 0 0.89, 0.82 (two threads,
-    # 565 s); seeds 1 and 2, one thread each, side by side: 0.92, 0.83 and
-    # 0.79, 0.76. A constant lr after warm-up, or a projector lr of 1e-4, read lower AU
-    # F1 from one stage 1 (800 steps, varied wording: 0.59 and 0.54 against 0.62).
-    lr2: float = 5e-3
-    projector_lr: float = 1e-5
-    # Instruction types of stage 2: summary and movement. The reasoning answers cost half
-    # as much again per step and, at this budget, took the steps the expression needed
-    # (the paper's Tab. 3 ablation reversed at toy scale); `feallm analyze` still asks its
-    # reasoning question, which this model was not trained on.
-    types: str = "summary,movement"
-    # The template annotator's fixed wording (`build-dataset --wording fixed`): one
-    # sentence form per slot, so the AU list always reads "AU04 (Brow Lowerer): ...".
-    # With the varied wording the AU answers of this 2-layer LLM followed the phrasing
-    # more than the face (FE 0.84, AU 0.62 after 800 steps; fixed 0.81, 0.66; after 1000
-    # steps varied 0.87, 0.71, fixed 0.84, 0.78; all from one stage-1 checkpoint).
-    wording: str = "fixed"
-    # A movement answer lists its AUs in ascending order with a clause each (median 106,
-    # 99th percentile 188 tiny-tokenizer tokens): 48 new tokens cut the list after the
-    # first two AUs and capped AU F1 whatever the model saw.
-    eval_max_new_tokens: int = 160
-    llm: str = "tiny"
-    compare_baseline: bool = False
-    seed: int = 0
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DemoConfig()
-    parser.add_argument("--out", default=str(ROOT / "runs" / "demo"), help="run directory (default runs/demo)")
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.add_argument("--out", default="runs/demo", help="run directory")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     parser.add_argument("--subjects", type=int, default=d.subjects, help="synthetic identities")
     parser.add_argument("--frames", type=int, default=d.frames, help="frames per identity")
@@ -125,54 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--until", choices=STAGES, default=None,
                         help="stop after this stage (continue later with --resume)")
-
-
-class Run:
-    """The run directory: manifest, stage markers, timings."""
-
-    def __init__(self, out: Path, cfg: DemoConfig, resume: bool, until: str | None = None):
-        self.out, self.cfg, self.until = out, cfg, until
-        self.stopped = False  # True once the `until` stage has finished
-        self.times: list[tuple[str, float, bool]] = []
-        manifest = out / MANIFEST
-        want = asdict(cfg)
-        if manifest.exists():
-            have = json.loads(manifest.read_text())
-            if have != want:
-                diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
-                raise SystemExit(f"feallm demo: {out} holds a run with other settings {diff} "
-                                 "(was, now); choose another --out or delete that directory")
-            if not resume and not self.done("analyze"):
-                raise SystemExit(f"feallm demo: {out} holds an unfinished run with these settings; "
-                                 "pass --resume to continue it from its last finished stage")
-        elif out.exists() and any(out.iterdir()):
-            raise SystemExit(f"feallm demo: {out} is not empty and holds no demo run; "
-                             "choose another --out (nothing was written)")
-        out.mkdir(parents=True, exist_ok=True)
-        manifest.write_text(json.dumps(want, indent=2))
-
-    def marker(self, name: str) -> Path:
-        return self.out / ".stages" / f"{name}.done"
-
-    def done(self, name: str) -> bool:
-        return self.marker(name).exists()
-
-    def stage(self, name: str, title: str, fn) -> None:
-        if self.stopped:
-            return
-        self.stopped = self.until is not None and name.split("-")[0] == self.until
-        if self.done(name):
-            print(f"== [{name}] {title}: done in an earlier run, skipped", flush=True)
-            self.times.append((name, float(json.loads(self.marker(name).read_text())["seconds"]), True))
-            return
-        print(f"== [{name}] {title}", flush=True)
-        start = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - start
-        self.marker(name).parent.mkdir(exist_ok=True)
-        self.marker(name).write_text(json.dumps({"seconds": seconds}))
-        self.times.append((name, seconds, False))
-        print(f"   [{name}] done in {seconds:.1f} s", flush=True)
 
 
 def _cli(*argv: str) -> None:
@@ -200,51 +83,46 @@ def _write_captions(aw: Path, train_json: Path, out_json: Path) -> None:
     out_json.write_text(json.dumps(samples))
 
 
-def _train(run: Run, projector: str, stages: str) -> None:
-    c = run.cfg
-    out = run.out
-    env = {
-        **os.environ, "OUT": str(out / "train"), "KIT": str(out / "kit"), "PY": sys.executable,
-        "MODEL": str(out / "llm"), "DATA": str(out / "fea"),
-        "STAGE1_JSON": str(out / "fea" / "pretrain.json"), "STAGE2_JSON": str(out / "fea" / "train.json"),
-        "IMAGE_FOLDER": str(out / "affwild2" / "cropped_aligned"), "STAGES": stages,
-        "STEPS1": str(c.steps1), "STEPS2": str(c.steps2), "BATCH": str(c.batch),
-        "LORA_R": str(c.lora_r), "LORA_ALPHA": str(2 * c.lora_r), "LR1": str(c.lr1), "LR2": str(c.lr2),
-        "PROJ_LR": str(c.projector_lr), "SAVE_STEPS": str(max(c.steps1, c.steps2) // 2 or 1),
-        # a loss line every 25 steps: logging every step cost 4 % of a stage-2 step
-        "LOG_STEPS": "25",
-        "PROJECTOR": projector,
-        "FEALLM_FLAGS": f"--mm_feallm_crop_size {c.crop_size} --mm_feallm_lca_pool {c.lca_pool} --mm_feallm_mpp_dim 0",
-    }
-    subprocess.run(["bash", str(ROOT / "launch" / "tiny_cpu.sh")], env=env, check=True)
+def _recipe(run: Run, projector: str) -> TinyRecipe:
+    """The tiny training recipe on this run's kit, warmed-up LLM and instruction set."""
+    c, out = run.cfg, run.out
+    return TinyRecipe(
+        out=out / "train", kit=out / "kit", model=out / "llm", data=out / "fea",
+        stage1_json=out / "fea" / "pretrain.json", stage2_json=out / "fea" / "train.json",
+        image_folder=out / "affwild2" / "cropped_aligned",
+        steps1=c.steps1, steps2=c.steps2, batch=c.batch, lora_r=c.lora_r, lora_alpha=2 * c.lora_r,
+        lr1=c.lr1, lr2=c.lr2, projector_lr=c.projector_lr, save_steps=max(c.steps1, c.steps2) // 2 or 1,
+        log_steps=25,  # logging every step cost 4 % of a stage-2 step
+        projector=projector,
+        feallm_flags=f"--mm_feallm_crop_size {c.crop_size} --mm_feallm_lca_pool {c.lca_pool} --mm_feallm_mpp_dim 0")
 
 
-def _checkpoint(run: Run, projector: str, stage: str = "lora") -> Path:
-    return run.out / "train" / f"llava-tiny-{projector}-{stage}"
+def _checkpoint(run: Run, projector: str, stage: int = 2) -> Path:
+    return _recipe(run, projector).stage_dir(stage)
 
 
 def _readout(run: Run, projector: str) -> None:
     """What stage 1 taught the projector: the caption the stage-1 checkpoint writes for each
-    held-out face (upstream's `plain` template, as it was trained), parsed back into an
-    expression and AUs with `parse_caption` and scored like FEABench."""
-    from feallm_llava.data.labels import AUS
-    from feallm_llava.data.synthetic import parse_caption
-    from feallm_llava.eval.backend_llava import LlavaBackend
+    held-out face (upstream's `plain` template, as it was trained), read with the one
+    parser (`facs.parse`) and scored like FEABench."""
     from feallm_llava.eval.items import EvalItem
     from feallm_llava.eval.metrics import au_metrics, fer_metrics
+    from feallm_llava.facs.labels import AUS
+    from feallm_llava.facs.parse import parse
+    from feallm_llava.inference.llava_runner import LlavaBackend
 
     truth = [t for t in json.loads((run.out / "fea" / "eval.json").read_text()) if t.get("expression")]
     images = run.out / "affwild2" / "cropped_aligned"
     items = [EvalItem(id=t["id"], image=str(images / t["image"]), task="fer", question="",
                       bench="synthetic-captions", gt_expression=t["expression"]) for t in truth]
-    backend = LlavaBackend(str(_checkpoint(run, projector, "pretrain")), str(run.out / "llm"),
+    backend = LlavaBackend(str(_checkpoint(run, projector, 1)), str(run.out / "llm"),
                            conv_mode="plain", device="cpu", max_new_tokens=48)
     captions = {item.id: text for item, text in backend.answer(items, batch_size=16)}
     rows = []
     for t in truth:
-        expression, aus = parse_caption(captions[t["id"]])
-        rows.append({"id": t["id"], "caption": captions[t["id"]], "pred_expression": expression,
-                     "pred_aus": aus, "gt_expression": t["expression"], "gt_aus": t.get("aus")})
+        read = parse(captions[t["id"]], AUS)
+        rows.append({"id": t["id"], "caption": captions[t["id"]], "pred_expression": read.expression,
+                     "pred_aus": sorted(read.aus), "gt_expression": t["expression"], "gt_aus": t.get("aus")})
     fe = fer_metrics([r["gt_expression"] for r in rows], [r["pred_expression"] for r in rows])
     with_aus = [r for r in rows if r["gt_aus"] is not None]
     au = au_metrics([r["gt_aus"] for r in with_aus], [r["pred_aus"] for r in with_aus], AUS)
@@ -335,8 +213,8 @@ def blind_baselines(truth: list[dict]) -> dict:
     """
     from collections import Counter
 
-    from feallm_llava.data.labels import AUS
     from feallm_llava.eval.metrics import au_metrics
+    from feallm_llava.facs.labels import AUS
 
     fer = [t["expression"] for t in truth if t.get("expression")]
     aud = [t["aus"] for t in truth if t.get("aus") is not None]
@@ -366,15 +244,13 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 def run_demo(out: Path, cfg: DemoConfig, resume: bool = False, until: str | None = None) -> Run:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # Tiny tensors: two threads at most (set before torch is first imported here; the
-    # training subprocesses inherit it). Alone on the 2-core machine, a stage-2 step of 8
-    # took 0.36 s on one thread and 0.30 s on two; a machine's worth of threads fighting
-    # over the cores was measured up to 10x slower.
+    # Tiny tensors: two threads at most, set before torch is first imported here (the
+    # training subprocesses inherit it); more threads than cores fight, up to 10x slower.
     os.environ.setdefault("OMP_NUM_THREADS", str(_CORES))
     run = Run(out.resolve(), cfg, resume, until)
     o = run.out
     from feallm_llava.data.synthetic import write_affwild2
-    from feallm_llava.lm_warmup import warm_up
+    from feallm_llava.demo.warmup import warm_up
     from feallm_llava.tinykit import KitSpec, build_kit
 
     run.stage("synthetic", f"{cfg.subjects} synthetic identities x {cfg.frames} frames (Aff-Wild2 layout)",
@@ -394,11 +270,11 @@ def run_demo(out: Path, cfg: DemoConfig, resume: bool = False, until: str | None
                               steps=cfg.warmup_steps, seed=cfg.seed))
     for projector, _ in _names(run):
         run.stage(f"stage1-{projector}", f"stage 1 through llava.train.train_mem, --mm_projector_type {projector}",
-                  lambda p=projector: _train(run, p, "1"))
+                  lambda p=projector: _recipe(run, p).run((1,)))
         run.stage(f"readout-{projector}", f"stage-1 readout: captions of the held-out faces ({projector})",
                   lambda p=projector: _readout(run, p))
         run.stage(f"stage2-{projector}", f"stage 2 (LoRA) through llava.train.train_mem, {projector}",
-                  lambda p=projector: _train(run, p, "2"))
+                  lambda p=projector: _recipe(run, p).run((2,)))
         run.stage(f"eval-{projector}", f"feallm eval --bench feabench ({projector})", lambda p=projector: _eval(run, p))
     run.stage("score", "feallm score", lambda: _score(run))
     run.stage("analyze", "feallm analyze: a held-out face and a real photo", lambda: _analyze(run))

@@ -16,24 +16,22 @@ import shutil
 import time
 from pathlib import Path
 
+from feallm_llava.data.llava_json import IMAGE_TOKEN
+
 
 def conversation_texts(data_json: Path | str) -> list[str]:
     """Texts of a LLaVA JSON: v1 conversations, or bare captions for `plain` samples
     (a first human turn that is only `<image>`, as in LCS-558K)."""
-    from llava.constants import DEFAULT_IMAGE_TOKEN
-    from llava.conversation import conv_templates
+    from feallm_llava.inference.llava_runner import render_conversation
 
     texts = []
     for sample in json.loads(Path(data_json).read_text()):
         turns = sample["conversations"]
-        if len(turns) == 2 and not turns[0]["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip():
+        if len(turns) == 2 and not turns[0]["value"].replace(IMAGE_TOKEN, "").strip():
             texts.append(turns[1]["value"])
             continue
-        conv = conv_templates["v1"].copy()
-        for human, gpt in zip(turns[0::2], turns[1::2]):
-            conv.append_message(conv.roles[0], human["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip())
-            conv.append_message(conv.roles[1], gpt["value"])
-        texts.append(conv.get_prompt())
+        texts.append(render_conversation([(human["value"].replace(IMAGE_TOKEN, "").strip(), gpt["value"])
+                                          for human, gpt in zip(turns[0::2], turns[1::2])], "v1"))
     return texts
 
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from feallm_llava.data.labels import AUS, EXPRESSIONS
+from feallm_llava.facs.labels import AUS, EXPRESSIONS
 
-from .items import EvalItem
-from .readers import ReaderOptions, ReadResult, affectnet, bp4d, disfa, feabench, rafdb
+from feallm_llava.eval.items import EvalItem
+from feallm_llava.eval.readers import ReaderOptions, ReadResult, affectnet, bp4d, disfa, feabench, rafdb
 
 # Template groups of feallm_llava.data.templates used per task (paper section 3.3).
 TEMPLATE_GROUP: dict[str, str] = {"fer": "summary", "aud": "movement"}

@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from feallm_llava.data.labels import EXPRESSIONS, au_key
+from feallm_llava.facs.labels import EXPRESSIONS, au_key
 
 PARSE_FAILURE = "parse failure"  # name of the confusion matrix's extra column
 

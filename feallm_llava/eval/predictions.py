@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence, TypeVar
 
-from ..jsonl import DamagedLine, JsonlAppender, read_lines
+from feallm_llava.jsonl import DamagedLine, JsonlAppender, read_lines
 
 PREDICTIONS = "predictions.jsonl"
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from feallm_llava.data.labels import AUS, au_key
+from feallm_llava.facs.labels import AUS, au_key
 
-from .metrics import AuMetrics, FerMetrics
+from feallm_llava.eval.metrics import AuMetrics, FerMetrics
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,6 @@ class ReportRow:
     fer: FerMetrics | None = None          # None when the benchmark has no FER items
     aud: AuMetrics | None = None           # None when it has no AUD items
     fer_ambiguous: int = 0                 # FER parse failures where classes tied
-    stored_disagreements: dict[str, int] = field(default_factory=dict)  # task -> count
 
     def to_dict(self) -> dict:
         return {
@@ -44,7 +43,6 @@ class ReportRow:
             "fer": self.fer.to_dict() if self.fer else None,
             "aud": self.aud.to_dict() if self.aud else None,
             "fer_ambiguous": self.fer_ambiguous,
-            "stored_prediction_disagreements": dict(self.stored_disagreements),
         }
 
 

@@ -20,11 +20,11 @@ import json
 import sys
 from pathlib import Path
 
-from .benchmarks import BENCHMARKS, load_items
-from .items import EvalItem
-from .predictions import (PredictionWriter, answered_ids, check_same_run, chunk, merge_shards,
+from feallm_llava.eval.benchmarks import BENCHMARKS, load_items
+from feallm_llava.eval.items import EvalItem
+from feallm_llava.eval.predictions import (PredictionWriter, answered_ids, check_same_run, chunk, merge_shards,
                           read_predictions, shard_path, sort_in_item_order)
-from .readers import ReaderOptions
+from feallm_llava.eval.readers import ReaderOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,20 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def prediction_record(item: EvalItem, answer: str, model: str) -> dict:
-    """One predictions.jsonl line. pred_* (pred_aus restricted to the item's au_targets)
-    are parsed here for reading; the scorer re-parses the answer."""
-    from .parse import parse_aus, parse_expression
-
-    return {
-        "id": item.id, "image": item.image, "task": item.task, "question": item.question,
-        "answer": answer,
-        "gt_expression": item.gt_expression,
-        "gt_aus": list(item.gt_aus) if item.gt_aus is not None else None,
-        "au_targets": list(item.au_targets),
-        "bench": item.bench, "model": model,
-        "pred_expression": parse_expression(answer) if item.task == "fer" else None,
-        "pred_aus": sorted(parse_aus(answer, item.au_targets)) if item.task == "aud" else None,
-    }
+    """One predictions.jsonl line: the item, the model and its answer. What the answer
+    means is the scorer's business (`feallm score` parses every answer)."""
+    return {**item.record(), "answer": answer, "model": model}
 
 
 def _reader_options(args: argparse.Namespace) -> ReaderOptions:
@@ -104,20 +93,20 @@ def _reader_options(args: argparse.Namespace) -> ReaderOptions:
 def _model_label(args: argparse.Namespace) -> str:
     if args.openai_model:
         return args.openai_model
-    from llava.mm_utils import get_model_name_from_path
+    from feallm_llava.inference.llava_runner import model_name_from_path
 
-    return get_model_name_from_path(args.model_path)
+    return model_name_from_path(args.model_path)
 
 
 def _backend(args: argparse.Namespace):
     """(backend, its answer(items) call)."""
     if args.openai_model:
-        from .backend_openai import OpenAIBackend
+        from feallm_llava.inference.openai_client import OpenAIBackend
 
         backend = OpenAIBackend(args.openai_model, base_url=args.base_url, concurrency=args.concurrency,
                                 max_new_tokens=args.max_new_tokens)
         return backend.answer
-    from .backend_llava import LlavaBackend
+    from feallm_llava.inference.llava_runner import LlavaBackend
 
     backend = LlavaBackend(args.model_path, args.model_base, conv_mode=args.conv_mode, device=args.device,
                            dtype=args.dtype, max_new_tokens=args.max_new_tokens)
@@ -184,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .backend_openai import BackendError
+    from feallm_llava.inference.openai_client import BackendError
 
     try:
         run(args)

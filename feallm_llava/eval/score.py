@@ -11,10 +11,9 @@ given, else the line's "model", else the name of the file's folder. Several file
 one model and benchmark (the chunks of a sharded run) merge into one row; an item id
 seen twice in a row is an error.
 
-One parser decides: every answer is re-parsed with `feallm_llava.eval.parse`, and a
-stored "pred_expression"/"pred_aus" is ignored (a runner may have been run with an
-older or different parser; scores must not depend on which). How many stored
-predictions disagree with the re-parse is reported in scores.json.
+One parser decides: every answer is parsed here, with `feallm_llava.facs.parse`, so
+scores never depend on what a runner thought its answers meant (fields such as
+"pred_expression" that other tools or older runs wrote are ignored).
 
 Outputs in --out: scores.json and scores.csv (fractions), table.md (percentages, the
 paper's layout), confusion.png (FER rows only), au_f1.png (AUD rows only) and
@@ -31,11 +30,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from feallm_llava.data.labels import EXPRESSIONS
+from feallm_llava.facs.labels import EXPRESSIONS
 
-from . import report
-from .metrics import au_metrics, fer_metrics
-from .parse import parse
+from feallm_llava.eval import report
+from feallm_llava.eval.metrics import au_metrics, fer_metrics
+from feallm_llava.facs.parse import parse
 
 TASKS = ("fer", "aud")
 
@@ -53,11 +52,6 @@ class ScoredItem:
     gt_expression: str | None
     gt_aus: frozenset[int] | None
     au_targets: tuple[int, ...]
-    stored_expression: object       # "pred_expression" as stored (or missing sentinel)
-    stored_aus: object              # "pred_aus" as stored (or missing sentinel)
-
-
-_MISSING = object()
 
 
 class PredictionsError(ValueError):
@@ -135,8 +129,7 @@ def read_predictions(path: Path, name: str | None = None) -> list[ScoredItem]:
             items.append(ScoredItem(
                 file=str(path), line=lineno, id=item_id, task=task, bench=rec["bench"],
                 model=model, answer=rec["answer"], gt_expression=gt_expression, gt_aus=gt_aus,
-                au_targets=targets, stored_expression=rec.get("pred_expression", _MISSING),
-                stored_aus=rec.get("pred_aus", _MISSING)))
+                au_targets=targets))
     return items
 
 
@@ -169,10 +162,9 @@ def group_rows(items: list[ScoredItem]) -> dict[tuple[str, str], list[ScoredItem
 # ----------------------------------------------------------------------------- scoring
 
 def score_row(items: list[ScoredItem], failures: list[dict]) -> report.ReportRow:
-    """Re-parse every answer of one (bench, model) and compute its metrics."""
+    """Parse every answer of one (bench, model) and compute its metrics."""
     fer = [it for it in items if it.task == "fer"]
     aud = [it for it in items if it.task == "aud"]
-    disagree = {"fer": 0, "aud": 0}
     fer_metrics_, aud_metrics_, ambiguous = None, None, 0
 
     def fail(it: ScoredItem, why: str) -> None:
@@ -189,8 +181,6 @@ def score_row(items: list[ScoredItem], failures: list[dict]) -> report.ReportRow
                 fail(it, "ambiguous: " + ", ".join(f"{c} x{n}" for c, n in
                                                    result.expression_counts.items())
                      if result.expression_ambiguous else "no expression named")
-            if it.stored_expression is not _MISSING and it.stored_expression != result.expression:
-                disagree["fer"] += 1
         fer_metrics_ = fer_metrics([it.gt_expression for it in fer], preds)
     if aud:
         preds = []
@@ -199,18 +189,11 @@ def score_row(items: list[ScoredItem], failures: list[dict]) -> report.ReportRow
             preds.append(set(result.aus) if result.aus_answered else None)
             if not result.aus_answered:
                 fail(it, "no AU named")
-            if it.stored_aus is not _MISSING:
-                stored = it.stored_aus
-                if isinstance(stored, list):
-                    stored = set(stored) & set(it.au_targets)
-                if stored != preds[-1]:
-                    disagree["aud"] += 1
         aud_metrics_ = au_metrics([it.gt_aus for it in aud], preds, aud[0].au_targets)
     return report.ReportRow(
         model=items[0].model, bench=items[0].bench,
         files=tuple(dict.fromkeys(it.file for it in items)),
-        fer=fer_metrics_, aud=aud_metrics_, fer_ambiguous=ambiguous,
-        stored_disagreements={k: v for k, v in disagree.items() if v})
+        fer=fer_metrics_, aud=aud_metrics_, fer_ambiguous=ambiguous)
 
 
 def score_files(paths: list[Path], names: list[str] | None = None
@@ -242,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "inputs": [str(p) for p in args.predictions],
-        "parser": "feallm_llava.eval.parse: every answer re-parsed; stored pred_* ignored",
+        "parser": "feallm_llava.facs.parse: every answer parsed by the scorer",
         "metrics": "FER accuracy (parse failure = wrong); per-AU F1 with counts summed over "
                    "items, unweighted mean over the benchmark's AUs; fractions in [0, 1]",
     }

@@ -76,7 +76,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from feallm_llava.data.labels import AU_NAMES, EXPRESSIONS
+from feallm_llava.facs.labels import AU_NAMES, EXPRESSIONS
 
 # ----------------------------------------------------------------------------- patterns
 

@@ -1,9 +1,10 @@
-"""Answer eval items with a LLaVA checkpoint: upstream loading, batched greedy decoding.
+"""Answer queries with a LLaVA checkpoint: upstream loading, batched greedy decoding.
 
 Loading is upstream's `load_pretrained_model(model_path, model_base, model_name)`
 (full model, projector-only with a base, or LoRA with a base), so a FEALLM checkpoint
-and a plain LLaVA-1.5 one run the same way; `import feallm_llava` registers the
-`feallm` projector and the compat shims first.
+and a plain LLaVA-1.5 one run the same way; the `feallm` projector and the compat
+shims are registered first. This module calls llava's public loader, conversation
+templates and image helpers only.
 
 Prompts follow upstream's eval scripts: the conversation template `conv_mode`
 (inferred from the model name as upstream does when not given), `<image>\\n` before the
@@ -20,11 +21,11 @@ answers of a batch are the answers each item gets alone (tested).
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from .items import EvalItem
+from feallm_llava.inference import Query
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -45,7 +46,27 @@ def default_conv_mode(model_name: str) -> str:
     return "llava_v0"
 
 
-def _batches(items: list[EvalItem], size: int) -> Iterator[list[EvalItem]]:
+def model_name_from_path(model_path: str) -> str:
+    """The model name upstream's scripts derive from a checkpoint path (its loader needs
+    'llava' in it): the folder's name, `<run>_checkpoint-N` for a Trainer checkpoint."""
+    from llava.mm_utils import get_model_name_from_path
+
+    return get_model_name_from_path(str(model_path))
+
+
+def render_conversation(turns: Sequence[tuple[str, str | None]], conv_mode: str = "v1") -> str:
+    """(human, assistant) turns in upstream's template `conv_mode`; an assistant text of
+    None leaves that turn open for the model to answer."""
+    from llava.conversation import conv_templates
+
+    conv = conv_templates[conv_mode].copy()
+    for human, assistant in turns:
+        conv.append_message(conv.roles[0], human)
+        conv.append_message(conv.roles[1], assistant)
+    return conv.get_prompt()
+
+
+def _batches(items: list[Query], size: int) -> Iterator[list[Query]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
@@ -53,15 +74,14 @@ def _batches(items: list[EvalItem], size: int) -> Iterator[list[EvalItem]]:
 class LlavaBackend:
     def __init__(self, model_path: str, model_base: str | None = None, *, conv_mode: str | None = None,
                  device: str | None = None, dtype: str | None = None, max_new_tokens: int = 256):
-        import feallm_llava
+        from feallm_llava.integration import register
 
-        feallm_llava.register()  # the `feallm` projector + compat shims, before llava loads anything
+        register()  # the `feallm` projector + compat shims, before llava loads anything
         from llava.conversation import conv_templates
-        from llava.mm_utils import get_model_name_from_path
         from llava.model.builder import load_pretrained_model
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model_name = get_model_name_from_path(model_path)
+        self.model_name = model_name_from_path(model_path)
         if "llava" not in self.model_name.lower():
             raise ValueError(f"{model_path}: upstream load_pretrained_model loads a LLaVA model only when "
                              f"'llava' is in the directory name (got {self.model_name!r}); rename the directory")
@@ -98,12 +118,10 @@ class LlavaBackend:
         image_token = DEFAULT_IMAGE_TOKEN
         if getattr(self.model.config, "mm_use_im_start_end", False):
             image_token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-        conv = conv_templates[self.conv_mode].copy()
-        if conv.sep_style == SeparatorStyle.PLAIN:
-            return image_token + question.replace(DEFAULT_IMAGE_TOKEN, "").strip()
-        conv.append_message(conv.roles[0], image_token + "\n" + question.replace(DEFAULT_IMAGE_TOKEN, "").strip())
-        conv.append_message(conv.roles[1], None)
-        return conv.get_prompt()
+        text = question.replace(DEFAULT_IMAGE_TOKEN, "").strip()
+        if conv_templates[self.conv_mode].sep_style == SeparatorStyle.PLAIN:
+            return image_token + text
+        return render_conversation([(image_token + "\n" + text, None)], self.conv_mode)
 
     def _stop_text(self) -> str | None:
         """Text that ends an answer in templates whose turns do not end with </s>."""
@@ -116,7 +134,7 @@ class LlavaBackend:
 
     # -- generation -----------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, items: list[EvalItem]) -> list[str]:
+    def generate(self, items: list[Query]) -> list[str]:
         """Greedy answers of one batch, in item order."""
         from llava.constants import IMAGE_TOKEN_INDEX
         from llava.mm_utils import process_images, tokenizer_image_token
@@ -163,13 +181,13 @@ class LlavaBackend:
             text = text[:text.index(stop)].strip()
         return text
 
-    def prompt_length(self, item: EvalItem) -> int:
+    def prompt_length(self, item: Query) -> int:
         from llava.constants import IMAGE_TOKEN_INDEX
         from llava.mm_utils import tokenizer_image_token
 
         return len(tokenizer_image_token(self.prompt(item.question), self.tokenizer, IMAGE_TOKEN_INDEX))
 
-    def answer(self, items: Iterable[EvalItem], batch_size: int = 8) -> Iterator[tuple[EvalItem, str]]:
+    def answer(self, items: Iterable[Query], batch_size: int = 8) -> Iterator[tuple[Query, str]]:
         """(item, answer) pairs, `batch_size` items per generate call.
 
         Batches are cut from items of equal prompt length first (benchmarks sample their
@@ -184,14 +202,14 @@ class LlavaBackend:
         for batch in self._plan(list(items), batch_size):
             yield from zip(batch, self.generate(batch))
 
-    def _plan(self, items: list[EvalItem], batch_size: int) -> list[list[EvalItem]]:
+    def _plan(self, items: list[Query], batch_size: int) -> list[list[Query]]:
         if batch_size == 1:
             return [[item] for item in items]
-        groups: dict[int, list[EvalItem]] = {}
+        groups: dict[int, list[Query]] = {}
         for item in items:
             groups.setdefault(self.prompt_length(item), []).append(item)
-        batches: list[list[EvalItem]] = []
-        leftovers: list[EvalItem] = []
+        batches: list[list[Query]] = []
+        leftovers: list[Query] = []
         for length in sorted(groups):
             group = groups[length]
             full = len(group) - len(group) % batch_size

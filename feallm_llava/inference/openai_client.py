@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 import openai
 from PIL import Image
 
-from .items import EvalItem
+from feallm_llava.inference import Query
 
 RETRY_STATUS = {408, 409, 429}  # plus every 5xx; the statuses openai's client retries itself
 RAW_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
@@ -35,17 +35,18 @@ class BackendError(RuntimeError):
     """A request failed for good; names the item and the server's answer."""
 
 
-def image_data_url(item: EvalItem) -> str:
+def image_data_url(item: Query) -> str:
     """The item's image as a data URL: the file's own bytes when it is sent whole in a
     format every server decodes, else the (cropped) RGB image re-encoded as PNG."""
-    if item.crop is None:
+    path = getattr(item, "image", None)
+    if isinstance(path, (str, os.PathLike)) and getattr(item, "crop", None) is None:
         try:
-            with Image.open(item.image) as im:
+            with Image.open(path) as im:
                 mime = RAW_FORMATS.get(im.format or "")
         except (OSError, ValueError) as e:  # missing, unreadable or not an image
-            raise ValueError(f"item {item.id!r}: cannot read image {item.image}: {e}") from e
+            raise ValueError(f"item {item.id!r}: cannot read image {path}: {e}") from e
         if mime is not None:
-            with open(item.image, "rb") as f:
+            with open(path, "rb") as f:
                 return f"data:{mime};base64,{base64.b64encode(f.read()).decode('ascii')}"
     buf = io.BytesIO()
     item.load_image().save(buf, format="PNG")
@@ -100,7 +101,7 @@ class OpenAIBackend:
                 delay = self.backoff_s * (2 ** attempt) * self._jitter.uniform(0.5, 1.0)
         return min(delay, self.max_backoff_s)
 
-    def ask(self, item: EvalItem) -> str:
+    def ask(self, item: Query) -> str:
         """One item's answer text (retrying transient failures)."""
         messages = [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": image_data_url(item)}},
@@ -124,7 +125,7 @@ class OpenAIBackend:
             return response.choices[0].message.content or ""
         raise AssertionError("unreachable")
 
-    def answer(self, items: Iterable[EvalItem]) -> Iterator[tuple[EvalItem, str]]:
+    def answer(self, items: Iterable[Query]) -> Iterator[tuple[Query, str]]:
         """(item, answer) pairs as they complete, `concurrency` requests at a time.
 
         On a failure the queued items are cancelled, the requests in flight finish and

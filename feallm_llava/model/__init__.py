@@ -5,8 +5,10 @@
 - `deformable`: `ms_deform_attn` (Deformable-DETR signature) and `DeformableAttention`.
 - `lca.LocalClueAggregator`: 16 directional face crops -> one LLM token + 16 local keys.
 - `mpp.MultiPerspectiveProjector`: deep <- shallow layers, <- local keys, self, MLP.
-- `projector.FeallmProjector`: LCA + MPP, the module llava holds as `mm_projector`;
-  `projector.TowerFeatures` is what the vision tower hands it.
+- `projector.FeallmProjector`: LCA + MPP, the module llava holds as `mm_projector`.
+- `features.TowerFeatures`: what a CLIP tower hands it (deep, shallow layers, pixels),
+  read off any CLIP's hidden states by `features.tower_features`.
+- `weights`: the weight files of upstream's training, read without unpickling code.
 
 Nothing is imported here so that `import feallm_llava.model.config` stays cheap.
 """

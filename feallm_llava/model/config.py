@@ -1,4 +1,4 @@
-"""FEALLM architecture configuration (paper section 4, defaults from DESIGN.md "Model").
+"""FEALLM architecture configuration (paper section 4; where its text lost a number, our default).
 
 Every architecture number is a field here. On a LLaVA config each field `x` lives as the
 attribute `mm_feallm_x`, so `from_pretrained` / `load_pretrained_model` rebuild exactly
@@ -43,7 +43,7 @@ class FeallmConfig:
 
     # -- LCA (paper 4.2, 5.1) --
     crop_types: tuple[str, ...] = tuple(CROP_TYPES)  # which crop types (4 crops each) are used
-    crop_size: int = 112  # side of each resized crop, pixels (DESIGN.md default)
+    crop_size: int = 112  # side of each resized crop, pixels (the paper's number is lost; a third of 336)
     lca_channels: int = 64  # conv channels, and width of a region vector (paper 5.1)
     lca_layers: int = 4  # conv3x3 stride-2 layers in the conv block (paper 4.2: four)
     lca_norm_groups: int = 8  # GroupNorm groups after each conv (batch-size independent)

@@ -21,38 +21,19 @@ through the ordinary `nn.Module.load_state_dict`, strict by default.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from feallm_llava.model.config import FeallmConfig
+from feallm_llava.model.features import TowerFeatures
 from feallm_llava.model.lca import LocalClueAggregator
 from feallm_llava.model.mpp import MultiPerspectiveProjector
 
 log = logging.getLogger(__name__)
 
 UPSTREAM_MLP_KEYS = frozenset({"0.weight", "0.bias", "2.weight", "2.bias"})
-
-
-@dataclass
-class TowerFeatures:
-    """What the FEALLM vision tower hands the projector (patch tokens only, no CLS)."""
-
-    deep: Tensor  # (B, N, C): hidden_states[mm_vision_select_layer], N = grid H * W
-    shallow: list[Tensor] = field(default_factory=list)  # L x (B, N, C): cfg.shallow_layers
-    pixels: Tensor | None = None  # (B, 3, H_img, W_img): normalised pixels the tower saw
-    grid: tuple[int, int] = (0, 0)  # patch grid (rows, cols), e.g. (24, 24) for ViT-L/14-336
-
-    def to(self, *args, **kwargs) -> TowerFeatures:
-        """Tensor.to on every tensor (device and/or dtype)."""
-        return TowerFeatures(
-            deep=self.deep.to(*args, **kwargs),
-            shallow=[s.to(*args, **kwargs) for s in self.shallow],
-            pixels=None if self.pixels is None else self.pixels.to(*args, **kwargs),
-            grid=tuple(self.grid),
-        )
 
 
 class FeallmProjector(nn.Module):

@@ -10,7 +10,7 @@ converted), find the faces (`serve.detect`, OpenCV's Haar cascade, offline), cro
 with a margin to a square, and ask the model the three FEALLM questions (paper section
 3.2: emotion summary = FER, facial movement description = AUD, emotion reasoning),
 batched across faces and images. The answers are read with the evaluation parser
-(`eval.parse`), so `feallm analyze` and `feallm score` agree on what a text means.
+(`facs.parse`), so `feallm analyze` and `feallm score` agree on what a text means.
 
 One row per face, Py-Feat / LibreFace style (`COLUMNS`): box in image pixels, the
 expression (one of `labels.EXPRESSIONS`, empty when the answer names none), `AU01` ...
@@ -37,7 +37,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from feallm_llava.data.labels import AUS, au_key
+from feallm_llava.facs.labels import AUS, au_key
 
 AU_COLUMNS: tuple[str, ...] = tuple(au_key(au) for au in AUS)  # AU01 ... AU26 (labels.AUS order)
 BOX_COLUMNS = ("face_x", "face_y", "face_w", "face_h")
@@ -48,7 +48,7 @@ COLUMNS: tuple[str, ...] = (
 
 # Paper section 3.2 gives the first two verbatim as its examples of the emotion-summary and
 # facial-movement instructions; the reasoning question is the first of our reasoning
-# templates (datasets/templates/reasoning.json). All three are overridable.
+# templates (resources/templates/reasoning.json). All three are overridable.
 DEFAULT_QUESTIONS = {
     "fer": "Please describe the expression in this face.",
     "aud": "Please describe the action units in this face.",
@@ -127,8 +127,9 @@ class _Failed:
 
 @dataclass(frozen=True)
 class _Query:
-    """One question about one face crop; what `LlavaBackend.generate` reads from an item."""
+    """One question about one face crop (an `inference.Query`)."""
 
+    id: str
     image: Image.Image
     question: str
 
@@ -138,7 +139,7 @@ class _Query:
 
 def fill_answers(row: dict, answers: dict[str, str]) -> None:
     """Parse the answers there are into the row's expression, AU and reasoning columns."""
-    from feallm_llava.eval.parse import parse
+    from feallm_llava.facs.parse import parse
 
     for task in TASKS:
         row[f"raw_answer_{task}"] = answers.get(task)
@@ -233,7 +234,8 @@ class Analyzer:
             fill_answers(face.row, face.answers)
 
     def _generate(self, chunk: list[tuple[_Face, str]]) -> list[str | _Failed]:
-        queries = [_Query(face.crop, self.questions[task]) for face, task in chunk]
+        queries = [_Query(f"{face.row['input']} face {face.row['face_id']} ({task})", face.crop,
+                          self.questions[task]) for face, task in chunk]
         try:
             return list(self.backend.generate(queries))
         except (RuntimeError, ValueError, IndexError, TypeError) as err:
@@ -280,7 +282,7 @@ class Analyzer:
 
 def load_backend(model_path: str, model_base: str | None = None, *, device: str = "cpu",
                  dtype: str | None = None, conv_mode: str | None = None, max_new_tokens: int = 256):
-    from feallm_llava.eval.backend_llava import LlavaBackend
+    from feallm_llava.inference.llava_runner import LlavaBackend
 
     return LlavaBackend(model_path, model_base, conv_mode=conv_mode, device=device, dtype=dtype,
                         max_new_tokens=max_new_tokens)

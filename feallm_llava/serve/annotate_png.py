@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw, ImageFont
 
-from feallm_llava.data.labels import AUS, au_key
+from feallm_llava.facs.labels import AUS, au_key
 
 # One colour per face, cycled; chosen to stay visible on skin and on common backgrounds.
 PALETTE = ((255, 64, 64), (64, 200, 255), (255, 210, 0), (120, 255, 120), (255, 120, 255), (255, 150, 40))

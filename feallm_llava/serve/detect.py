@@ -7,7 +7,7 @@ Detector choice: OpenCV's frontal-face Haar cascade (Viola-Jones,
 `haarcascade_frontalface_default.xml`), which ships inside the `opencv-python-headless`
 4.x wheel (`cv2.data.haarcascades`), so it works offline with no model download; the
 5.x wheels no longer ship the cascades, hence the `opencv-python-headless<5` pin
-(notes/datasets-and-assets.md: 4.14 finds the astronaut at (177, 66, 95, 95), ~90 ms).
+(4.14 finds scikit-image's astronaut at (177, 66, 95, 95) in about 90 ms).
 It is deterministic and CPU-only. Its limits: frontal faces only (roughly +-20 degrees of
 yaw and in-plane roll), and some false positives on textured backgrounds, traded against
 misses by `min_neighbors`.

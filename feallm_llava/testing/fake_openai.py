@@ -8,7 +8,7 @@ Batch API needs (`POST /v1/files`, `POST /v1/batches`, `GET /v1/batches/{id}`,
 
 Interface (shared by the dataset annotator tests and the OpenAI eval-runner tests):
 
-    from tests.fake_openai import Fault, Reply, RequestInfo, per_image, start_fake_openai
+    from feallm_llava.testing.fake_openai import Fault, Reply, RequestInfo, per_image, start_fake_openai
 
     def responder(req: RequestInfo) -> str | Reply:
         # req.image_hashes: sha256 hex of each image sent as a data URL (decoded bytes)

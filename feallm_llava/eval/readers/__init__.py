@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Common 3-fold subject splits (notes/datasets-and-assets.md; the folds used by
+# Common 3-fold subject splits (the folds used by
 # JAA-Net / ME-GraphAU and most AU papers since).
 BP4D_FOLDS: dict[int, tuple[str, ...]] = {
     1: ("F001", "M007", "F018", "F008", "F002", "M004", "F010", "F009", "M012", "M001",

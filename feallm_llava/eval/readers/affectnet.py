@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import FaceRecord, ReaderOptions, ReadResult
+from feallm_llava.eval.readers import FaceRecord, ReaderOptions, ReadResult
 
 CSV_FILE = Path("Manually_Annotated_file_lists") / "validation.csv"
 CSV_IMAGES = "Manually_Annotated_Images"

@@ -22,7 +22,7 @@ import csv
 import re
 from pathlib import Path
 
-from . import BP4D_FOLDS, FaceRecord, ReaderOptions, ReadResult, frame_layout, frame_path, sample_counted
+from feallm_llava.eval.readers import BP4D_FOLDS, FaceRecord, ReaderOptions, ReadResult, frame_layout, frame_path, sample_counted
 
 LABEL_DIR = Path("AUCoding") / "AU_OCC"
 BP4D_AUS: tuple[int, ...] = (1, 2, 4, 6, 7, 10, 12, 15, 23, 24)  # shared with labels.AUS

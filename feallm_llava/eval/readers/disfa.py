@@ -1,8 +1,7 @@
 """DISFA (Mavadati et al., 2013), zero-shot AUD (paper Tab. 5).
 
 Labels: `ActionUnit_Labels/<SN>/<SN>_au<N>.txt`, one `frame,intensity` line per frame
-(intensity 0..5, frames from 1). Present = intensity >= 2 (the usual DISFA protocol,
-notes/datasets-and-assets.md). A frame missing from one of the evaluated AU files is
+(intensity 0..5, frames from 1). Present = intensity >= 2 (the usual DISFA protocol). A frame missing from one of the evaluated AU files is
 dropped and counted.
 
 Evaluated AUs: those DISFA shares with FEALLM's 12: 1, 2, 4, 6, 12, 25, 26. Sampling:
@@ -19,7 +18,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from . import DISFA_FOLDS, FaceRecord, ReaderOptions, ReadResult, frame_layout, frame_path, sample_counted
+from feallm_llava.eval.readers import DISFA_FOLDS, FaceRecord, ReaderOptions, ReadResult, frame_layout, frame_path, sample_counted
 
 LABEL_DIR = Path("ActionUnit_Labels")
 DISFA_AUS: tuple[int, ...] = (1, 2, 4, 6, 12, 25, 26)  # shared with labels.AUS

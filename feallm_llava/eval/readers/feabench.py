@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from feallm_llava.data.labels import AUS, EXPRESSIONS
+from feallm_llava.facs.labels import AUS, EXPRESSIONS
 
-from . import FaceRecord, ReaderOptions, ReadResult
+from feallm_llava.eval.readers import FaceRecord, ReaderOptions, ReadResult
 
 EVAL_FILE = "eval.json"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import FaceRecord, ReaderOptions, ReadResult
+from feallm_llava.eval.readers import FaceRecord, ReaderOptions, ReadResult
 
 LABEL_FILE = Path("EmoLabel") / "list_patition_label.txt"
 

@@ -1,0 +1,70 @@
+"""Shims for loading a checkpoint and generating with it (`llava.model.*`)."""
+
+from __future__ import annotations
+
+import inspect
+
+from feallm_llava.integration.compat.shim import shim
+from feallm_llava.integration.compat.versions import transformers_at_least
+from feallm_llava.integration.paths import check_model_path
+
+# Quantized loading keeps these in full precision: the FEALLM projector (or
+# LLaVA's MLP), the CLIP tower and lm_head.
+QUANT_SKIP_MODULES = ["mm_projector", "vision_tower", "lm_head"]
+
+
+@shim("llava.model.language_model.llava_llama", replaces="LlavaLlamaForCausalLM.forward",
+      versions="transformers >= 4.38", needed=transformers_at_least(4, 38))
+def open_forward(original):
+    """Without it: generate(): forward() got an unexpected keyword argument 'cache_position' (5.x:
+    'cache').
+
+    Let LLaVA's forward() take the keyword arguments newer generate() passes.
+
+    transformers >= 4.38 passes `cache_position` (and later `logits_to_keep`), 5.x
+    passes the cache as `cache=`. Upstream's forward lists its arguments explicitly,
+    so each raises TypeError. The wrapper maps `cache` to `past_key_values` and drops
+    what the forward does not know: LlamaModel recomputes `cache_position` from the
+    cache length, and logits for every position are still correct.
+    """
+    known = set(inspect.signature(original).parameters)
+
+    def forward(self, *args, **kwargs):
+        if "cache" in kwargs and "cache" not in known:
+            kwargs.setdefault("past_key_values", kwargs.pop("cache"))
+        return original(self, *args, **{k: v for k, v in kwargs.items() if k in known})
+    return forward
+
+
+@shim("llava.model.builder", replaces="load_pretrained_model",
+      versions="transformers >= 4.38 (ValueError), all (skip list, path check)")
+def quantized_loading(original):
+    """Without it: load_4bit: ValueError (both load_in_4bit and quantization_config); projector
+    quantized; a missing local path becomes a hub request.
+
+    load_pretrained_model: one quantization config that skips the projector; paths checked."""
+    def load_pretrained_model(model_path, model_base, model_name, load_8bit=False, load_4bit=False, *args, **kwargs):
+        check_model_path(model_path, "model_path")
+        if model_base is not None:
+            check_model_path(model_base, "model_base")
+        if (load_8bit or load_4bit) and "quantization_config" not in kwargs:
+            kwargs["quantization_config"] = quantization_config(load_8bit=load_8bit)
+            load_8bit = load_4bit = False
+        return original(model_path, model_base, model_name, load_8bit, load_4bit, *args, **kwargs)
+    return load_pretrained_model
+
+
+def quantization_config(load_8bit: bool):
+    """bitsandbytes config that leaves the FEALLM projector, CLIP and lm_head unquantized."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if load_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANT_SKIP_MODULES)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_compute_dtype=torch.float16,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type="nf4",
+        llm_int8_skip_modules=QUANT_SKIP_MODULES,
+    )
