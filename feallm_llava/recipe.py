@@ -27,31 +27,36 @@ from pathlib import Path
 STAGES = (1, 2)
 
 
+def _opt(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TinyRecipe:
     out: Path
-    kit: Path | None = None  # the offline tiny kit (default OUT/kit; built if missing)
-    model: Path | None = None  # the LLM, --model_name_or_path (default KIT/llm)
-    vision: Path | None = None  # the CLIP tower (default KIT/clip)
-    data: Path | None = None  # sample data folder (default OUT/data; written if missing)
-    stage1_json: Path | None = None  # default DATA/pretrain.json
-    stage2_json: Path | None = None  # default DATA/finetune.json
-    image_folder: Path | None = None  # default DATA/images
-    steps1: int = 4
-    steps2: int = 4
-    batch: int = 4
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lr1: float = 1e-3  # stage 1: the projector (LCA + MPP)
-    lr2: float = 2e-4  # stage 2: LoRA
-    projector_lr: float = 2e-5  # stage 2: LCA + MPP at their own rate
-    save_steps: int = 2
-    log_steps: int = 1  # a loss line every N steps
-    projector: str = "feallm"
-    feallm_flags: str = "--mm_feallm_crop_size 32 --mm_feallm_mpp_dim 0"  # ignored for other projectors
-    stage1_args: str = ""  # appended to stage 1's command (later flags win)
-    stage2_args: str = ""
-    seed: int = 0
+    kit: Path | None = _opt(None, "the offline tiny kit (default OUT/kit; built when missing)")
+    model: Path | None = _opt(None, "the LLM, --model_name_or_path (default KIT/llm); may be a LLaVA checkpoint")
+    vision: Path | None = _opt(None, "the CLIP tower (default KIT/clip)")
+    data: Path | None = _opt(None, "sample data folder (default OUT/data; written when missing)")
+    stage1_json: Path | None = _opt(None, "stage-1 data, LLaVA JSON (default DATA/pretrain.json)")
+    stage2_json: Path | None = _opt(None, "stage-2 data, LLaVA JSON (default DATA/finetune.json)")
+    image_folder: Path | None = _opt(None, "image root of both (default DATA/images)")
+    steps1: int = _opt(4, "stage-1 steps")
+    steps2: int = _opt(4, "stage-2 steps")
+    batch: int = _opt(4, "per-device batch")
+    lora_r: int = _opt(16, "LoRA rank")
+    lora_alpha: int = _opt(32, "LoRA alpha")
+    lr1: float = _opt(1e-3, "stage 1: the projector's (LCA + MPP) learning rate")
+    lr2: float = _opt(2e-4, "stage 2: LoRA's learning rate")
+    projector_lr: float = _opt(2e-5, "stage 2: the projector's own learning rate")
+    save_steps: int = _opt(2, "a checkpoint every N steps (a rerun resumes from the last)")
+    log_steps: int = _opt(1, "a loss line every N steps")
+    projector: str = _opt("feallm", "--mm_projector_type (feallm, or an upstream one such as mlp2x_gelu)")
+    feallm_flags: str = _opt("--mm_feallm_crop_size 32 --mm_feallm_mpp_dim 0",
+                             "--mm_feallm_* flags of both stages (feallm only)")
+    stage1_args: str = _opt("", "more train_mem flags for stage 1 (later flags win)")
+    stage2_args: str = _opt("", "more train_mem flags for stage 2")
+    seed: int = _opt(0, "--seed and --data_seed")
 
     @property
     def kit_dir(self) -> Path:
@@ -132,15 +137,18 @@ class TinyRecipe:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder")
-    parser.add_argument("--stages", default="1 2", help="which stages to run, e.g. '1' or '1 2'")
+    parser.epilog = ("example: feallm train-tiny --out runs/tiny --steps1 20 --steps2 20   "
+                     "(then: feallm eval ... --model-path runs/tiny/llava-tiny-feallm-lora "
+                     "--model-base runs/tiny/kit/llm)")
+    parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder (default: runs/tiny)")
+    parser.add_argument("--stages", default="1 2", help="which stages to run: '1', '2' or '1 2' (default)")
     for f in dataclasses.fields(TinyRecipe):
         if f.name == "out":
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = Path if "Path" in str(f.type) else {"int": int, "float": float}.get(str(f.type), str)
-        parser.add_argument(flag, type=kind, default=f.default, help=f.name.replace("_", " "))
+        shown = "" if f.default is None else f" (default: {f.default or repr(f.default)})"
+        parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + shown)
 
 
 def recipe_from_args(args: argparse.Namespace) -> TinyRecipe:
