@@ -7,7 +7,8 @@ itself is imported, so this import stays cheap (no torch). With
 
 The package, bottom floor first (no module imports from a floor above its own):
 
-    facs/, jsonl, autoload, resources/   FACS vocabulary and the one text parser; I/O
+    facs/, jsonl, errors, autoload, resources/   FACS vocabulary, the one text parser;
+                    files, errors, start-up hook, package data
     model/          the FEALLM modules in pure PyTorch (no llava)
     data/           dataset readers, annotators, the instruction-set builder
     integration/    the llava integration: registry + compat, the only code that

@@ -71,25 +71,26 @@ def cut_torn_tail(path: Path | str) -> int:
         return size - keep
 
 
-class JsonlAppender:
-    """Appends records as whole lines to `path` (created with its folder when missing).
+class LineAppender:
+    """Appends whole lines to `path` (created with its folder when missing), each call's
+    text in one `write(2)`; a torn tail left by an earlier writer is cut off first.
 
     Not thread-safe: callers that append from several threads hold their own lock.
     """
 
-    def __init__(self, path: Path | str, *, sort_keys: bool = False, fsync_each: bool = False):
+    def __init__(self, path: Path | str, *, fsync_each: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.sort_keys, self.fsync_each = sort_keys, fsync_each
+        self.fsync_each = fsync_each
         if self.path.exists():
             cut_torn_tail(self.path)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-    def append(self, record: Any) -> None:
+    def write(self, text: str) -> None:
+        """Append `text`, which ends with a newline (one or more whole lines)."""
         if self._fd < 0:
             raise ValueError(f"{self.path}: append after close")
-        line = (json.dumps(record, ensure_ascii=False, sort_keys=self.sort_keys) + "\n").encode("utf-8")
-        view = memoryview(line)
+        view = memoryview(text.encode("utf-8"))
         while view:  # a regular file takes it in one call; loop for the rare partial write
             view = view[os.write(self._fd, view):]
         if self.fsync_each:
@@ -101,8 +102,19 @@ class JsonlAppender:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "JsonlAppender":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class JsonlAppender(LineAppender):
+    """Appends records as whole JSON lines."""
+
+    def __init__(self, path: Path | str, *, sort_keys: bool = False, fsync_each: bool = False):
+        super().__init__(path, fsync_each=fsync_each)
+        self.sort_keys = sort_keys
+
+    def append(self, record: Any) -> None:
+        self.write(json.dumps(record, ensure_ascii=False, sort_keys=self.sort_keys) + "\n")

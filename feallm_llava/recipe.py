@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from feallm_llava.errors import FeallmError, UsageError
+
 STAGES = (1, 2)
 
 
@@ -136,19 +138,21 @@ class TinyRecipe:
               f"(load with model_base={self.model or self.kit_dir / 'llm'})", flush=True)
 
 
+EXAMPLES = """\
+  feallm train-tiny --out runs/tiny --steps1 20 --steps2 20
+  feallm analyze face.jpg --no-detect --model-path runs/tiny/llava-tiny-feallm-lora --model-base runs/tiny/kit/llm"""
+INTERRUPTED = "a rerun skips finished stages and resumes the interrupted one from its last checkpoint"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("example: feallm train-tiny --out runs/tiny --steps1 20 --steps2 20   "
-                     "(then: feallm eval ... --model-path runs/tiny/llava-tiny-feallm-lora "
-                     "--model-base runs/tiny/kit/llm)")
-    parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder (default: runs/tiny)")
-    parser.add_argument("--stages", default="1 2", help="which stages to run: '1', '2' or '1 2' (default)")
+    parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder")
+    parser.add_argument("--stages", default="1 2", help="which stages to run: '1', '2' or '1 2'")
     for f in dataclasses.fields(TinyRecipe):
         if f.name == "out":
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = Path if "Path" in str(f.type) else {"int": int, "float": float}.get(str(f.type), str)
-        shown = "" if f.default is None else f" (default: {f.default or repr(f.default)})"
-        parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + shown)
+        parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
 
 
 def recipe_from_args(args: argparse.Namespace) -> TinyRecipe:
@@ -161,11 +165,9 @@ def main(args: argparse.Namespace) -> int:
     except ValueError:
         stages = ()
     if not stages or any(s not in STAGES for s in stages):
-        print(f"feallm train-tiny: error: --stages takes 1 and/or 2, got {args.stages!r}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--stages takes 1 and/or 2, got {args.stages!r}")
     try:
         recipe_from_args(args).run(stages)
     except subprocess.CalledProcessError as err:
-        print(f"feallm train-tiny: error: a training stage failed (exit code {err.returncode})", file=sys.stderr)
-        return 1
+        raise FeallmError(f"a training stage failed (exit status {err.returncode}; its log is above)") from None
     return 0

@@ -251,10 +251,16 @@ def write_sample_data(out: Path | str, n: int = 16, seed: int = 0) -> Path:
     return out
 
 
+EXAMPLES = """\
+  feallm tiny-kit --out runs/kit                          # tokenizer, llm/, clip/
+  feallm tiny-kit --out runs/kit --llava --sample-data runs/kit/data   # plus a full FEALLM checkpoint and samples"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for the kit")
-    parser.add_argument("--llava", action="store_true", help="also save a full tiny LLaVA checkpoint (feallm projector)")
-    parser.add_argument("--image-size", type=int, default=KitSpec.image_size)
+    parser.add_argument("--llava", action="store_true",
+                        help="also save a full tiny LLaVA checkpoint (feallm projector, random weights) in OUT")
+    parser.add_argument("--image-size", type=int, default=KitSpec.image_size, help="CLIP input side, pixels")
     parser.add_argument("--sample-data", metavar="DIR", help="also write a few LLaVA-format samples there")
 
 

@@ -262,7 +262,7 @@ def test_json_output_has_nulls_for_empty_cells(backend, photos, tmp_path):
     frame = analyze([photos / "blank.png"], backend=backend, progress=False)
     rows = json.loads(write_results(frame, tmp_path / "out.json").read_text())
     assert rows[0]["face_id"] is None and rows[0]["AU12"] is None and rows[0]["error"] == ""
-    with pytest.raises(ValueError, match=".csv or .json"):
+    with pytest.raises(ValueError, match=r"\.csv, \.jsonl or \.json"):
         write_results(frame, tmp_path / "out.xlsx")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -160,6 +161,14 @@ def test_eval_json_is_read_by_the_feabench_reader(built, tree):
     assert len(result.records) == 8 and all(Path(r.image).is_file() for r in result.records)
 
 
+def test_eval_json_names_its_image_folder_so_eval_needs_only_the_output_folder(built, tree):
+    from feallm_llava.eval.readers import ReaderOptions, feabench
+
+    assert {item["image_folder"] for item in load(built, "eval.json")} == {str((tree / "cropped_aligned").resolve())}
+    result = feabench.read(built, ReaderOptions())  # no --image-folder
+    assert len(result.records) == 8 and all(Path(r.image).is_file() for r in result.records)
+
+
 def test_report_counts_classes_aus_and_skips(built):
     report = load(built, "report.json")
     train = report["counts"]["train"]
@@ -189,12 +198,13 @@ def test_multi_turn_gives_one_conversation_per_image(tree, tmp_path):
     assert not any("<image>" in t["value"] for t in conv[1:])
 
 
-def test_types_subset_for_the_instruction_ablation(tree, tmp_path):
+def test_types_subset_for_the_instruction_ablation(tree, tmp_path, capsys):
     assert build(tree, tmp_path, "--types", "summary,reasoning") == 0
     kinds = Counter(s["id"].rsplit("-", 1)[1] for s in load(tmp_path, "train.json"))
     assert kinds == {"summary": 30, "reasoning": 30}
-    with pytest.raises(SystemExit, match="must be one of"):
-        build(tree, tmp_path, "--types", "summary,gossip")
+    capsys.readouterr()
+    assert build(tree, tmp_path, "--types", "summary,gossip") == 2
+    assert "must be one of" in capsys.readouterr().err
 
 
 def test_fixed_wording_writes_one_text_per_label_set(tree, tmp_path):
@@ -234,7 +244,7 @@ def test_only_frames_with_both_valid_labels_enter(tmp_path):
 def test_unreadable_image_is_counted_and_replaced(tmp_path):
     root = _small_tree(tmp_path / "aw2")
     (root / "cropped_aligned" / "p0" / "00001.jpg").write_bytes(b"not a jpeg at all")
-    assert build(root, tmp_path / "out", "--train-size", "6", "--eval-size", "1") == 0
+    assert build(root, tmp_path / "out", "--train-size", "6", "--eval-size", "1") == 1  # done, one item failed
     report = load(tmp_path / "out", "report.json")
     assert report["skipped"]["unreadable_image"]["count"] == 1
     assert "p0/00001.jpg" in report["skipped"]["unreadable_image"]["examples"][0]
@@ -242,20 +252,20 @@ def test_unreadable_image_is_counted_and_replaced(tmp_path):
     assert "p0/00001.jpg" not in used
 
 
-def test_bad_label_line_stops_with_file_and_line(tmp_path):
+def test_bad_label_line_stops_with_file_and_line(tmp_path, capsys):
     root = _small_tree(tmp_path / "aw2")
     write_video(root, "2022", "p9", expr_lines=["0", "zero"])
-    with pytest.raises(SystemExit, match=r"(?s)p9\.txt:3: non-numeric.*--skip-bad-lines"):
-        build(root, tmp_path / "out")
-    assert build(root, tmp_path / "out", "--skip-bad-lines", "--train-size", "4", "--eval-size", "1") == 0
+    assert build(root, tmp_path / "out") == 2
+    assert re.search(r"p9\.txt:3: non-numeric.*--skip-bad-lines", capsys.readouterr().err)
+    assert build(root, tmp_path / "out", "--skip-bad-lines", "--train-size", "4", "--eval-size", "1") == 1
     assert load(tmp_path / "out", "report.json")["skipped"]["bad_label_line"]["count"] == 1
 
 
-def test_2020_layout_alone_explains_that_12_aus_need_the_2022_layout(tmp_path):
+def test_2020_layout_alone_explains_that_12_aus_need_the_2022_layout(tmp_path, capsys):
     for k in range(3):
         write_video(tmp_path, "2020", f"p{k}", expr=[4], aus=[[0, 0, 0, 1, 1, 0, 0, 0]])
-    with pytest.raises(SystemExit, match="2020 layout labels 8.*2022\\+ layout"):
-        build(tmp_path, tmp_path / "out")
+    assert build(tmp_path, tmp_path / "out") == 2
+    assert re.search(r"2020 layout labels 8.*2022\+ layout", capsys.readouterr().err)
 
 
 # -- the openai annotator through the command ---------------------------------------------------------
@@ -301,10 +311,10 @@ def test_batch_submit_then_collect_builds_without_sending_requests_twice(tree, t
     assert len(load(tmp_path, "train.json")) == 18
 
 
-def test_openai_without_key_or_base_url_is_a_clear_error(tree, tmp_path, monkeypatch):
+def test_openai_without_key_or_base_url_is_a_clear_error(tree, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(SystemExit, match="needs an API key"):
-        build(tree, tmp_path, "--annotator", "openai")
+    assert build(tree, tmp_path, "--annotator", "openai") == 2
+    assert "needs an API key" in capsys.readouterr().err
 
 
 # -- upstream LLaVA reads train.json ------------------------------------------------------------------

@@ -8,24 +8,25 @@ import pytest
 
 from feallm_llava.demo.config import DemoConfig
 from feallm_llava.demo.rundir import MANIFEST, Run
+from feallm_llava.errors import UsageError
 
 
 def test_non_empty_foreign_directory_is_refused(tmp_path):
     (tmp_path / "thesis.tex").write_text("mine")
-    with pytest.raises(SystemExit, match="not empty and holds no demo run"):
+    with pytest.raises(UsageError, match="not empty and holds no demo run"):
         Run(tmp_path, DemoConfig(), resume=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]
 
 
 def test_run_with_other_settings_is_refused(tmp_path):
     Run(tmp_path, DemoConfig(subjects=8), resume=False)
-    with pytest.raises(SystemExit, match="other settings.*subjects"):
+    with pytest.raises(UsageError, match="other settings.*subjects"):
         Run(tmp_path, DemoConfig(subjects=9), resume=True)
 
 
 def test_unfinished_run_needs_resume(tmp_path):
     Run(tmp_path, DemoConfig(), resume=False)
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(UsageError, match="--resume"):
         Run(tmp_path, DemoConfig(), resume=False)
 
 

@@ -110,24 +110,24 @@ def test_merge_with_an_unfinished_chunk_fails_naming_it(tmp_path, capsys):
             cli(_eval_args(tmp_path / "raf", tmp_path / "split", server, "--num-chunks", "3", "--chunk-idx", str(idx)))
     code = cli(["eval", "--bench", "rafdb", "--data", str(tmp_path / "raf"), "--out", str(tmp_path / "split"),
                 "--num-chunks", "3", "--merge"])
-    assert code == 1
+    assert code == 2
     assert "--num-chunks 3 --chunk-idx 2" in capsys.readouterr().err
 
 
 def test_missing_image_stops_with_its_name_or_is_skipped_and_counted(tmp_path, capsys):
     _rafdb(tmp_path / "raf", 3, missing=(2,))
     with start_fake_openai(_happy) as server:
-        assert cli(_eval_args(tmp_path / "raf", tmp_path / "out", server)) == 1
+        assert cli(_eval_args(tmp_path / "raf", tmp_path / "out", server)) == 2  # bad input: nothing asked
         assert "test_0002_aligned.jpg" in capsys.readouterr().err
         assert server.requests.total == 0
-        assert cli(_eval_args(tmp_path / "raf", tmp_path / "out", server, "--skip-missing")) == 0
+        assert cli(_eval_args(tmp_path / "raf", tmp_path / "out", server, "--skip-missing")) == 1  # done, 1 skipped
     assert [r["id"] for r in read_predictions(tmp_path / "out" / "predictions.jsonl")] == ["test_0001", "test_0003"]
     assert json.loads((tmp_path / "out" / "run.json").read_text())["dropped"] == {"missing image": 1}
 
 
 def test_exactly_one_model_is_required(tmp_path, capsys):
     _rafdb(tmp_path / "raf", 1)
-    assert cli(["eval", "--bench", "rafdb", "--data", str(tmp_path / "raf"), "--out", str(tmp_path / "o")]) == 1
+    assert cli(["eval", "--bench", "rafdb", "--data", str(tmp_path / "raf"), "--out", str(tmp_path / "o")]) == 2
     assert "exactly one model" in capsys.readouterr().err
 
 
@@ -161,6 +161,6 @@ def test_unreadable_image_stops_the_run_naming_it(tmp_path, capsys):
     _rafdb(tmp_path / "raf", 2)
     (tmp_path / "raf" / "Image" / "aligned" / "test_0002_aligned.jpg").write_bytes(b"not a jpeg")
     with start_fake_openai(_happy) as server:
-        assert cli(_eval_args(tmp_path / "raf", tmp_path / "out", server)) == 1
+        assert cli(_eval_args(tmp_path / "raf", tmp_path / "out", server)) == 2
     assert "item 'test_0002': cannot read image" in capsys.readouterr().err
     assert [r["id"] for r in read_predictions(tmp_path / "out" / "predictions.jsonl")] == ["test_0001"]

@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "feallm_llava"
 
 # Floors, bottom first: a module may import its own floor and those below.
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("ground", ("feallm_llava.facs", "feallm_llava.jsonl", "feallm_llava.autoload", "feallm_llava.resources")),
+    ("ground", ("feallm_llava.facs", "feallm_llava.jsonl", "feallm_llava.autoload", "feallm_llava.resources",
+                "feallm_llava.errors")),
     ("model", ("feallm_llava.model",)),
     ("data", ("feallm_llava.data",)),
     ("integration", ("feallm_llava.integration",)),

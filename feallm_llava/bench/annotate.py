@@ -25,6 +25,7 @@ from PIL import Image
 
 from feallm_llava.data.annotate_openai import AnnotationItem, OpenAIAnnotator, OpenAIConfig
 from feallm_llava.data.annotation_cache import AnnotationCache
+from feallm_llava.errors import FeallmError
 from feallm_llava.facs.labels import AU_NAMES, AUS, EXPRESSIONS, PROTOTYPES
 from feallm_llava.testing.fake_openai import start_fake_openai
 
@@ -66,8 +67,13 @@ def _timed_run(base_url: str, items, concurrency: int, cache_path: Path) -> floa
         elapsed = time.perf_counter() - start
     bad = [r.id for r in results if r.status != "validated"]
     if bad:
-        raise SystemExit(f"bench annotate: {len(bad)} images not validated (e.g. {bad[0]})")
+        raise FeallmError(f"{len(bad)} images not validated (e.g. {bad[0]})")
     return elapsed
+
+
+EXAMPLES = """\
+  python -m feallm_llava.bench annotate
+  python -m feallm_llava.bench annotate --images 400 --latency 0.5 --concurrency 32"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

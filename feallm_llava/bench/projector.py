@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from feallm_llava.errors import UsageError
 from feallm_llava.model.config import FeallmConfig
 from feallm_llava.model.mpp import mlp2x_gelu
 from feallm_llava.model.features import TowerFeatures
@@ -41,6 +42,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LLM_HIDDEN = 4096  # Vicuna-7B / LLaMA-7B hidden size
 DEEP_LAYER = 23  # llava-1.5: mm_vision_select_layer = -2 -> hidden_states[23] of 25
 TARGET = 0.10  # the design's target: projector <= 10% of the tower's forward time
+
+
+EXAMPLES = """\
+  python -m feallm_llava.bench projector --threads 2
+  python -m feallm_llava.bench projector --device cuda --dtype bfloat16 --batch 16"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,7 +110,7 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD in {sorted(fields)}")
+            raise UsageError(f"--set {item!r}: expected FIELD=VALUE with FIELD in {sorted(fields)}")
         out[key] = value
     return out
 

@@ -29,6 +29,11 @@ import time
 from pathlib import Path
 
 
+EXAMPLES = """\
+  python -m feallm_llava.bench throughput
+  python -m feallm_llava.bench throughput --projector feallm --prompts sampled --batch-size 16"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", type=int, default=32, help="items answered at each batch size")
     parser.add_argument("--batch-size", type=int, default=8)

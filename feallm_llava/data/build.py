@@ -51,9 +51,20 @@ from feallm_llava.data.records import (INSTRUCTION_TYPES, Annotation, FaceRecord
 from feallm_llava.data.split import (PAPER_EVAL_SIZE, PAPER_TRAIN_SIZE, parse_class_caps,
                                      split_and_sample)
 from feallm_llava.data.templates import load_templates, pick_question
+from feallm_llava.errors import EXIT_ITEMS_FAILED, UsageError
 
 # Exit code of `--batch collect` while a batch is still running (EX_TEMPFAIL).
 EXIT_BATCH_PENDING = 75
+
+# Skip reasons that are failures of the input (exit status 1), not the data's own
+# exclusions (invalid -1 labels, the "Other" class, frames without both label kinds).
+FAILURES = ("unreadable_image", "bad_label_line", "annotation_invalid")
+
+EXAMPLES = """\
+  feallm build-dataset --root /data/Aff-Wild2 --out playground/data/fea                  # offline, template texts
+  feallm build-dataset --root /data/Aff-Wild2 --out playground/data/fea --annotator openai --concurrency 16
+  OPENAI_API_KEY=... feallm build-dataset ... --annotator openai --batch submit           # Batch API, then --batch collect"""
+INTERRUPTED = "rerun the same command: cached annotations are not asked for again"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,8 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="question template folder (default: the packaged templates)")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
     ann = parser.add_argument_group("annotator")
-    ann.add_argument("--annotator", choices=["auto", "template", "openai"], default="auto",
-                     help="auto: openai when an API key or --base-url is given, else template")
+    ann.add_argument("--annotator", choices=["template", "openai"], default="template",
+                     help="template: offline, from the labels (default). openai: GPT-4o or --base-url's "
+                          "model; the face images are sent there, so it is never chosen for you")
     ann.add_argument("--wording", choices=WORDINGS, default="varied",
                      help="template texts (and the openai fallback's): several wordings per "
                           "sentence (varied), or always the first (fixed; a small LLM learns it "
@@ -198,7 +210,7 @@ def _openai_config(args):
 
     key = os.environ.get(args.api_key_env)
     if not key and not args.base_url:
-        raise SystemExit(f"build-dataset: --annotator openai needs an API key in ${args.api_key_env} "
+        raise UsageError(f"--annotator openai needs an API key in ${args.api_key_env} "
                          f"(or --base-url for a local OpenAI-compatible server); use "
                          f"--annotator template to build offline")
     return OpenAIConfig(model=args.model, base_url=args.base_url, api_key=key,
@@ -214,6 +226,9 @@ def _annotate_openai(records, args, cache_path: Path, progress: bool):
 
     config = _openai_config(args)
     items = [ao.AnnotationItem.from_record(r) for r in records]
+    print(f"build-dataset: annotator openai: the {len(items)} train face images (those not in the cache "
+          f"{cache_path}) are sent to {config.base_url or 'https://api.openai.com/v1'} ({config.model})",
+          file=sys.stderr)
     with AnnotationCache(cache_path) as cache:
         annotator = ao.OpenAIAnnotator(config, cache, fallback=TemplateAnnotator(args.seed, args.wording))
         batch_dir = args.out / "batch"
@@ -231,7 +246,7 @@ def _annotate_openai(records, args, cache_path: Path, progress: bool):
         if args.batch == "collect":
             state_path = batch_dir / "state.json"
             if not state_path.is_file():
-                raise SystemExit(f"build-dataset: {state_path} not found; submit first with "
+                raise UsageError(f"{state_path} not found; submit first with "
                                  f"--batch submit")
             summary = ao.collect_batch(annotator.client, state_path, items, config, cache)
             print(f"build-dataset: batch answers validated {summary['validated']}, rejected "
@@ -262,16 +277,13 @@ def main(args: argparse.Namespace) -> int:
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     unknown = [t for t in types if t not in INSTRUCTION_TYPES]
     if not types or unknown:
-        raise SystemExit(f"build-dataset: --types {args.types!r}: each type must be one of "
+        raise UsageError(f"--types {args.types!r}: each type must be one of "
                          f"{', '.join(INSTRUCTION_TYPES)}")
     caps = parse_class_caps(args.class_cap)
     templates = load_templates(args.templates)
     annotator = args.annotator
-    if annotator == "auto":
-        annotator = "openai" if (os.environ.get(args.api_key_env) or args.base_url) else "template"
-        print(f"build-dataset: annotator {annotator} (--annotator auto)")
     if args.batch != "off" and annotator != "openai":
-        raise SystemExit("build-dataset: --batch needs --annotator openai")
+        raise UsageError("--batch needs --annotator openai")
 
     # 1. read
     skips = SkipCounter()
@@ -281,7 +293,7 @@ def main(args: argparse.Namespace) -> int:
                                 on_bad_line="skip" if args.skip_bad_lines else "error",
                                 progress=progress)
     except LabelFileError as err:
-        raise SystemExit(f"build-dataset: {err}\n(fix the line, or pass --skip-bad-lines to "
+        raise UsageError(f"{err} (fix the line, or pass --skip-bad-lines to "
                          f"count such lines as skips)") from None
 
     # 2. frames with both labels and all 12 AUs
@@ -301,7 +313,7 @@ def main(args: argparse.Namespace) -> int:
             hint = (" The AU files label only some of the 12 AUs (the 2020 layout labels 8); "
                     "the FEA set's 12-AU descriptions need the 2022+ layout "
                     "(AU_Detection_Challenge/).")
-        raise SystemExit(f"build-dataset: no frame under {args.root} has both a valid expression "
+        raise UsageError(f"no frame under {args.root} has both a valid expression "
                          f"and all 12 AU labels.{hint}\nSkipped:\n{skips.summary()}")
 
     # 3. split and sample
@@ -340,7 +352,9 @@ def main(args: argparse.Namespace) -> int:
                           **row["annotation"].to_dict(), "status": row["status"],
                           "annotator": info["name"], "problems": row["problems"],
                           "error": row["error"]})
-    eval_items = [{"id": r.id, "image": _image_ref(r, image_root, args.image_root_mode),
+    # each item names its image folder, so `feallm eval --data OUT` finds the images
+    folder = {"image_folder": str(image_root)} if args.image_root_mode == "relative" else {}
+    eval_items = [{"id": r.id, "image": _image_ref(r, image_root, args.image_root_mode), **folder,
                    "expression": r.expression, "aus": list(r.active_aus), "subject": r.subject,
                    "video": r.video, "frame": r.frame} for r in split.eval]
     _write_json(args.out / "train.json", train_samples)
@@ -366,10 +380,16 @@ def main(args: argparse.Namespace) -> int:
     _write_json(args.out / "report.json", report)
     print(f"build-dataset: {len(kept)} train images ({len(train_samples)} samples), "
           f"{len(eval_items)} eval images -> {args.out}")
-    print(f"build-dataset: images are relative to {image_root} (LLaVA --image_folder, "
-          f"feallm eval --image-folder)" if args.image_root_mode == "relative" else
+    print(f"build-dataset: train.json images are relative to {image_root} (LLaVA --image_folder); "
+          f"eval.json names it for `feallm eval`" if args.image_root_mode == "relative" else
           "build-dataset: image paths are absolute")
     if statuses["fallback"]:
         print(f"build-dataset: {statuses['fallback']} image(s) fell back to the template "
               f"annotator (flagged in annotations.jsonl)", file=sys.stderr)
+    if skips.total:
+        print(f"build-dataset: skipped (details in report.json):\n{skips.summary()}", file=sys.stderr)
+    failed = {reason: skips[reason] for reason in FAILURES if skips[reason]}
+    if failed:
+        print(f"build-dataset: finished, but items failed: {failed}", file=sys.stderr)
+        return EXIT_ITEMS_FAILED
     return 0

@@ -6,6 +6,6 @@
 - `warmup`: the tiny LLM's text-only warm-up (a stand-in for an LLM's pretraining).
 """
 
-from feallm_llava.demo.pipeline import add_arguments, main
+from feallm_llava.demo.pipeline import EXAMPLES, INTERRUPTED, add_arguments, main
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["EXAMPLES", "INTERRUPTED", "add_arguments", "main"]

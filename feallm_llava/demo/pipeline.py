@@ -32,6 +32,7 @@ from pathlib import Path
 
 from feallm_llava.demo.config import DemoConfig
 from feallm_llava.demo.rundir import Run
+from feallm_llava.errors import FeallmError, UsageError
 from feallm_llava.recipe import TinyRecipe
 
 BANNER = "SYNTHETIC-DATA RESULT OF THIS RUN (tiny model, toy scale; not a paper figure)"
@@ -40,9 +41,15 @@ _CORES = min(2, os.cpu_count() or 1)
 STAGES = ("synthetic", "dataset", "kit", "warmup", "stage1", "readout", "stage2", "eval", "score", "analyze")
 
 
+EXAMPLES = """\
+  feallm demo                                   # runs/demo: about 10 minutes on 2 CPU cores
+  feallm demo --out runs/demo2 --seed 1 --compare-baseline
+  feallm demo --resume --out runs/demo          # continue an interrupted run"""
+INTERRUPTED = "every finished stage is kept; continue with --resume and the same --out"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DemoConfig()
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--out", default="runs/demo", help="run directory")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     parser.add_argument("--subjects", type=int, default=d.subjects, help="synthetic identities")
@@ -53,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the LLM: the offline tiny kit's Llama (text-warmed)")
     parser.add_argument("--compare-baseline", action="store_true",
                         help="also train upstream's mlp2x_gelu projector with the same budget")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the faces, the split and training")
     parser.add_argument("--until", choices=STAGES, default=None,
                         help="stop after this stage (continue later with --resume)")
 
@@ -63,7 +70,9 @@ def _cli(*argv: str) -> None:
 
     code = main([str(a) for a in argv])
     if code:
-        raise SystemExit(f"feallm demo: `feallm {' '.join(map(str, argv))}` failed with exit code {code}")
+        error = FeallmError(f"`feallm {' '.join(map(str, argv))}` failed with exit status {code}")
+        error.exit_code = code
+        raise error
 
 
 def _write_captions(aw: Path, train_json: Path, out_json: Path) -> None:
@@ -137,7 +146,6 @@ def _readout(run: Run, projector: str) -> None:
 def _eval(run: Run, projector: str) -> None:
     out = run.out / "eval" / projector
     _cli("eval", "--bench", "feabench", "--data", run.out / "fea" / "eval.json",
-         "--image-folder", run.out / "affwild2" / "cropped_aligned",
          "--model-path", _checkpoint(run, projector), "--model-base", run.out / "llm",
          "--conv-mode", "llava_v1", "--device", "cpu", "--batch-size", "16",
          "--max-new-tokens", run.cfg.eval_max_new_tokens, "--seed", run.cfg.seed, "--out", out)
@@ -161,7 +169,7 @@ def _analyze(run: Run) -> None:
     face = run.out / "affwild2" / "cropped_aligned" / eval_items[0]["image"]
     common = ["--model-path", _checkpoint(run, "feallm"), "--model-base", run.out / "llm",
               "--conv-mode", "llava_v1", "--device", "cpu", "--max-new-tokens", run.cfg.eval_max_new_tokens,
-              "--no-progress"]
+              "--no-progress", "--resume"]
     _cli("analyze", face, "--no-detect", "--out", run.out / "analyze" / "held_out_face.csv", *common)
     try:
         from skimage import data as skdata
@@ -237,7 +245,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     try:
         warm, s1, s2 = (int(x) for x in str(args.steps).split(","))
     except ValueError:
-        raise SystemExit(f"feallm demo: --steps wants three integers 'warmup,stage1,stage2', got {args.steps!r}") from None
+        raise UsageError(f"--steps wants three integers 'warmup,stage1,stage2', got {args.steps!r}") from None
     return DemoConfig(subjects=args.subjects, frames=args.frames, warmup_steps=warm, steps1=s1, steps2=s2,
                       llm=args.llm, compare_baseline=args.compare_baseline, seed=args.seed)
 

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from feallm_llava.demo.config import DemoConfig
+from feallm_llava.errors import UsageError
 
 MANIFEST = "feallm_demo.json"
 
@@ -29,13 +30,13 @@ class Run:
             have = json.loads(manifest.read_text())
             if have != want:
                 diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
-                raise SystemExit(f"feallm demo: {out} holds a run with other settings {diff} "
+                raise UsageError(f"{out} holds a run with other settings {diff} "
                                  "(was, now); choose another --out or delete that directory")
             if not resume and not self.done("analyze"):
-                raise SystemExit(f"feallm demo: {out} holds an unfinished run with these settings; "
+                raise UsageError(f"{out} holds an unfinished run with these settings; "
                                  "pass --resume to continue it from its last finished stage")
         elif out.exists() and any(out.iterdir()):
-            raise SystemExit(f"feallm demo: {out} is not empty and holds no demo run; "
+            raise UsageError(f"{out} is not empty and holds no demo run; "
                              "choose another --out (nothing was written)")
         out.mkdir(parents=True, exist_ok=True)
         manifest.write_text(json.dumps(want, indent=2))

@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from feallm_llava.errors import EXIT_ITEMS_FAILED
 from feallm_llava.eval.benchmarks import BENCHMARKS, load_items
 from feallm_llava.eval.items import EvalItem
 from feallm_llava.eval.predictions import (PredictionWriter, answered_ids, check_same_run, chunk, merge_shards,
@@ -27,20 +28,30 @@ from feallm_llava.eval.predictions import (PredictionWriter, answered_ids, check
 from feallm_llava.eval.readers import ReaderOptions
 
 
+EXAMPLES = """\
+  feallm eval --bench feabench --data playground/data/fea --model-path checkpoints/feallm-llava-v1.5-7b-lora \\
+      --model-base lmsys/vicuna-7b-v1.5 --out runs/eval/feabench
+  feallm eval --bench rafdb --data /data/RAF-DB --openai-model Qwen2-VL-7B --base-url http://127.0.0.1:8000/v1 \\
+      --out runs/eval/rafdb-qwen"""
+INTERRUPTED = "the answers so far are in the predictions file; rerun the same command to ask only the rest"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("benchmark")
-    g.add_argument("--bench", required=True, choices=list(BENCHMARKS))
+    g.add_argument("--bench", required=True, choices=list(BENCHMARKS), help="which benchmark")
     g.add_argument("--data", required=True, type=Path,
                    help="dataset root (FEABench: eval.json or its folder)")
     g.add_argument("--image-folder", type=Path, default=None,
-                   help="image root when images are not where the reader looks by default (see each reader)")
+                   help="image root when images are not where the reader looks by default (FEABench: the "
+                        "folder its eval.json names; see each reader)")
     g.add_argument("--limit", type=int, default=None, help="only the first N items (after reading, before chunking)")
     g.add_argument("--seed", type=int, default=0, help="seed of the per-item question sampling")
     g.add_argument("--skip-missing", action="store_true",
                    help="skip (and count) items whose image is missing instead of stopping")
     g.add_argument("--split", default="test", help="RAF-DB split (label-file name prefix)")
-    g.add_argument("--rafdb-images", default="aligned", choices=["aligned", "original"])
-    g.add_argument("--affectnet-release", default="auto", choices=["auto", "csv", "npy"])
+    g.add_argument("--rafdb-images", default="aligned", choices=["aligned", "original"], help="RAF-DB image set")
+    g.add_argument("--affectnet-release", default="auto", choices=["auto", "csv", "npy"],
+                   help="AffectNet label format (auto: detected)")
     g.add_argument("--affectnet-classes", type=int, default=7,
                    help="7 (default; contempt dropped). 8 is refused: contempt is outside our label space")
     g.add_argument("--sample-every", type=int, default=50,
@@ -52,24 +63,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "<data>/Images (DISFA)")
 
     g = parser.add_argument_group("model: a LLaVA checkpoint")
-    g.add_argument("--model-path", default=None)
-    g.add_argument("--model-base", default=None)
+    g.add_argument("--model-path", default=None, help="checkpoint directory (its name must contain 'llava')")
+    g.add_argument("--model-base", default=None, help="base LLM of a LoRA or projector-only checkpoint")
     g.add_argument("--conv-mode", default=None, help="default: inferred from the model name, as upstream does")
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--batch-size", type=int, default=8, help="items per generate call")
     g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on cuda, float32 on cpu")
 
     g = parser.add_argument_group("model: an OpenAI-compatible endpoint (key from OPENAI_API_KEY)")
-    g.add_argument("--openai-model", default=None)
+    g.add_argument("--openai-model", default=None, help="model name on the server (instead of --model-path)")
     g.add_argument("--base-url", default=None, help="e.g. http://localhost:8000/v1 (vLLM); default: OpenAI")
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight")
 
     g = parser.add_argument_group("output")
-    g.add_argument("--out", required=True, type=Path)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--num-chunks", type=int, default=1)
-    g.add_argument("--chunk-idx", type=int, default=0)
+    g.add_argument("--out", required=True, type=Path, help="folder for predictions.jsonl and run.json")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
+    g.add_argument("--num-chunks", type=int, default=1, help="split the items into K chunks (one per GPU)")
+    g.add_argument("--chunk-idx", type=int, default=0, help="which chunk this process answers (0-based)")
     g.add_argument("--merge", action="store_true", help="join the --num-chunks chunk files into predictions.jsonl")
 
 
@@ -173,11 +184,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from feallm_llava.inference.openai_client import BackendError
-
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError, BackendError) as e:
-        print(f"feallm eval: error: {e}", file=sys.stderr)
-        return 1
+    summary = run(args)
+    missing = summary.get("dropped", {}).get("missing image", 0)
+    if missing:  # with --skip-missing: the run finished without these items
+        print(f"feallm eval: {missing} item(s) skipped for a missing image (--skip-missing)", file=sys.stderr)
+        return EXIT_ITEMS_FAILED
     return 0

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from feallm_llava.facs.labels import EXPRESSIONS
 
+from feallm_llava.errors import EXIT_ITEMS_FAILED, UsageError
 from feallm_llava.eval import report
 from feallm_llava.eval.metrics import au_metrics, fer_metrics
 from feallm_llava.facs.parse import parse
@@ -54,8 +55,13 @@ class ScoredItem:
     au_targets: tuple[int, ...]
 
 
-class PredictionsError(ValueError):
+class PredictionsError(UsageError):
     """A predictions line that cannot be scored; the message names file and line."""
+
+
+EXAMPLES = """\
+  feallm score runs/eval/*/predictions.jsonl --out runs/report
+  feallm score a/predictions.jsonl b/predictions.jsonl --name FEALLM LLaVA-LoRA --out runs/report"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", nargs="+", action="extend", default=None, metavar="NAME",
                         help="model name per predictions file, in file order "
                              "(default: the lines' \"model\" field, else the file's folder)")
+    parser.add_argument("--skip-bad-lines", action="store_true",
+                        help="leave out (and count) lines that cannot be scored: torn by an interrupted "
+                             "writer, not JSON, fields missing; exit status 1 when any was left out")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -76,8 +85,13 @@ def _int_list(value: object, key: str, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def read_predictions(path: Path, name: str | None = None) -> list[ScoredItem]:
-    """Parse and check every line of one predictions file (blank lines are skipped)."""
+def read_predictions(path: Path, name: str | None = None,
+                     skipped: list[str] | None = None) -> list[ScoredItem]:
+    """Parse and check every line of one predictions file (blank lines are skipped).
+
+    A line that cannot be scored raises PredictionsError, or, when a `skipped` list is
+    given (`--skip-bad-lines`), is recorded there as "file:line: why" and left out.
+    """
     if not path.is_file():
         raise PredictionsError(f"predictions file not found: {path}")
     default_model = path.resolve().parent.name or path.stem
@@ -86,51 +100,61 @@ def read_predictions(path: Path, name: str | None = None) -> list[ScoredItem]:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise PredictionsError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
-                                       "fix or delete the line (an interrupted run can leave "
-                                       "a truncated last line)") from e
-            if not isinstance(rec, dict):
-                raise PredictionsError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            for key in ("id", "task", "answer", "bench"):
-                if key not in rec:
-                    raise PredictionsError(f"{where}: missing key {key!r}")
-            item_id = str(rec["id"])
-            where = f"{where} (id {item_id!r})"
-            task = rec["task"]
-            if task not in TASKS:
-                raise PredictionsError(f"{where}: task {task!r} is not one of {TASKS}")
-            if not isinstance(rec["answer"], str):
-                raise PredictionsError(f"{where}: 'answer' must be the generated text, got "
-                                       f"{rec['answer']!r}; rerun the item")
-            if not isinstance(rec["bench"], str) or not rec["bench"]:
-                raise PredictionsError(f"{where}: 'bench' must be a benchmark name, got "
-                                       f"{rec['bench']!r}")
-            gt_expression = gt_aus = None
-            targets: tuple[int, ...] = ()
-            if task == "fer":
-                gt_expression = rec.get("gt_expression")
-                if gt_expression not in EXPRESSIONS:
-                    raise PredictionsError(f"{where}: FER item needs gt_expression in "
-                                           f"{', '.join(EXPRESSIONS)}, got {gt_expression!r}")
-            else:
-                if rec.get("gt_aus") is None or rec.get("au_targets") is None:
-                    raise PredictionsError(f"{where}: AUD item needs 'gt_aus' and 'au_targets'")
-                gt_aus = frozenset(_int_list(rec["gt_aus"], "gt_aus", where))
-                targets = tuple(sorted(set(_int_list(rec["au_targets"], "au_targets", where))))
-                if not targets:
-                    raise PredictionsError(f"{where}: 'au_targets' is empty; nothing to score")
-            model = name if name is not None else rec.get("model") or default_model
-            if not isinstance(model, str):
-                raise PredictionsError(f"{where}: 'model' must be a string, got {model!r}")
-            items.append(ScoredItem(
-                file=str(path), line=lineno, id=item_id, task=task, bench=rec["bench"],
-                model=model, answer=rec["answer"], gt_expression=gt_expression, gt_aus=gt_aus,
-                au_targets=targets))
+                items.append(_scored_item(path, lineno, raw, name, default_model))
+            except PredictionsError as err:
+                if skipped is None:
+                    raise
+                skipped.append(str(err))
     return items
+
+
+def _scored_item(path: Path, lineno: int, raw: str, name: str | None, default_model: str) -> ScoredItem:
+    """One predictions line, checked."""
+    where = f"{path}:{lineno}"
+    try:
+        rec = json.loads(raw)
+    except json.JSONDecodeError as e:
+        torn = "" if raw.endswith("\n") else " (the last line, cut short: an interrupted writer)"
+        raise PredictionsError(f"{where}: not valid JSON ({e.msg} at column {e.colno}){torn}; "
+                               "fix or delete the line, or pass --skip-bad-lines") from e
+    if not isinstance(rec, dict):
+        raise PredictionsError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for key in ("id", "task", "answer", "bench"):
+        if key not in rec:
+            raise PredictionsError(f"{where}: missing key {key!r}")
+    item_id = str(rec["id"])
+    where = f"{where} (id {item_id!r})"
+    task = rec["task"]
+    if task not in TASKS:
+        raise PredictionsError(f"{where}: task {task!r} is not one of {TASKS}")
+    if not isinstance(rec["answer"], str):
+        raise PredictionsError(f"{where}: 'answer' must be the generated text, got "
+                               f"{rec['answer']!r}; rerun the item")
+    if not isinstance(rec["bench"], str) or not rec["bench"]:
+        raise PredictionsError(f"{where}: 'bench' must be a benchmark name, got "
+                               f"{rec['bench']!r}")
+    gt_expression = gt_aus = None
+    targets: tuple[int, ...] = ()
+    if task == "fer":
+        gt_expression = rec.get("gt_expression")
+        if gt_expression not in EXPRESSIONS:
+            raise PredictionsError(f"{where}: FER item needs gt_expression in "
+                                   f"{', '.join(EXPRESSIONS)}, got {gt_expression!r}")
+    else:
+        if rec.get("gt_aus") is None or rec.get("au_targets") is None:
+            raise PredictionsError(f"{where}: AUD item needs 'gt_aus' and 'au_targets'")
+        gt_aus = frozenset(_int_list(rec["gt_aus"], "gt_aus", where))
+        targets = tuple(sorted(set(_int_list(rec["au_targets"], "au_targets", where))))
+        if not targets:
+            raise PredictionsError(f"{where}: 'au_targets' is empty; nothing to score")
+    model = name if name is not None else rec.get("model") or default_model
+    if not isinstance(model, str):
+        raise PredictionsError(f"{where}: 'model' must be a string, got {model!r}")
+    return ScoredItem(
+        file=str(path), line=lineno, id=item_id, task=task, bench=rec["bench"],
+        model=model, answer=rec["answer"], gt_expression=gt_expression, gt_aus=gt_aus,
+        au_targets=targets)
 
 
 def group_rows(items: list[ScoredItem]) -> dict[tuple[str, str], list[ScoredItem]]:
@@ -196,15 +220,16 @@ def score_row(items: list[ScoredItem], failures: list[dict]) -> report.ReportRow
         fer=fer_metrics_, aud=aud_metrics_, fer_ambiguous=ambiguous)
 
 
-def score_files(paths: list[Path], names: list[str] | None = None
+def score_files(paths: list[Path], names: list[str] | None = None, skipped: list[str] | None = None
                 ) -> tuple[list[report.ReportRow], list[dict]]:
-    """Read, group and score prediction files; returns the rows and the parse failures."""
+    """Read, group and score prediction files; returns the rows and the parse failures.
+    With a `skipped` list, lines that cannot be scored are recorded there instead of raising."""
     if names is not None and len(names) != len(paths):
         raise PredictionsError(f"--name gave {len(names)} names for {len(paths)} prediction "
                                "files; give one name per file, in file order")
     items: list[ScoredItem] = []
     for i, path in enumerate(paths):
-        file_items = read_predictions(path, names[i] if names else None)
+        file_items = read_predictions(path, names[i] if names else None, skipped)
         if not file_items:
             raise PredictionsError(f"{path}: no predictions in the file")
         items += file_items
@@ -216,11 +241,8 @@ def score_files(paths: list[Path], names: list[str] | None = None
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        rows, failures = score_files(list(args.predictions), args.name)
-    except PredictionsError as e:
-        print(f"feallm score: {e}", file=sys.stderr)
-        return 2
+    skipped: list[str] | None = [] if args.skip_bad_lines else None
+    rows, failures = score_files(list(args.predictions), args.name, skipped)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -244,4 +266,9 @@ def main(args: argparse.Namespace) -> int:
             (out / filename).unlink()   # a plot of an earlier run would not match these scores
     print(report.render_table(rows))
     print(f"wrote {', '.join(written)} to {out}")
+    if skipped:
+        listing = "\n  ".join(skipped[:20]) + (f"\n  ... {len(skipped) - 20} more" if len(skipped) > 20 else "")
+        print(f"feallm score: left out {len(skipped)} line(s) that could not be scored:\n  {listing}",
+              file=sys.stderr)
+        return EXIT_ITEMS_FAILED
     return 0

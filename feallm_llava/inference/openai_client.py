@@ -25,13 +25,14 @@ from typing import Iterable, Iterator
 import openai
 from PIL import Image
 
+from feallm_llava.errors import FeallmError
 from feallm_llava.inference import Query
 
 RETRY_STATUS = {408, 409, 429}  # plus every 5xx; the statuses openai's client retries itself
 RAW_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 
 
-class BackendError(RuntimeError):
+class BackendError(FeallmError, RuntimeError):
     """A request failed for good; names the item and the server's answer."""
 
 
@@ -124,6 +125,11 @@ class OpenAIBackend:
                 raise BackendError(f"item {item.id!r}: {self.model} returned no choices")
             return response.choices[0].message.content or ""
         raise AssertionError("unreachable")
+
+    def generate(self, items: list[Query]) -> list[str]:
+        """The answers of `items`, in item order (the LLaVA runner's batch interface)."""
+        answers = {id(item): text for item, text in self.answer(items)}
+        return [answers[id(item)] for item in items]
 
     def answer(self, items: Iterable[Query]) -> Iterator[tuple[Query, str]]:
         """(item, answer) pairs as they complete, `concurrency` requests at a time.

@@ -25,6 +25,7 @@ def check_model_path(path: str | None, what: str) -> None:
         raise FileNotFoundError(
             f"{what}: no such model directory: {path!r}"
             + (" (HF_HUB_OFFLINE is set, so hub ids are not fetched either)" if offline else "")
-            + ". Check the path; a trained checkpoint is the OUTPUT_DIR of launch/pretrain.sh or "
-              "launch/finetune_lora.sh (offline tiny ones: `feallm tiny-kit --out DIR --llava`)."
+            + ". Check the path. A trained checkpoint is the OUTPUT_DIR of launch/pretrain.sh or "
+              "launch/finetune_lora.sh; `bash launch/demo.sh` trains a tiny one offline "
+              "(runs/demo/train/llava-tiny-feallm-lora, base runs/demo/llm)."
         )

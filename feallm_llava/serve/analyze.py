@@ -1,8 +1,9 @@
 """`feallm analyze`: per-face expression, action units and reasoning for photos.
 
-    feallm analyze IMAGE_OR_DIR... --model-path P [--model-base B] [--out results.csv|.json]
-                   [--device cpu|cuda] [--no-detect] [--require-face] [--annotate out.png]
-                   [--batch-size N]
+    feallm analyze IMAGE_OR_DIR... --model-path P [--model-base B] [--out results.csv|.jsonl|.json]
+                   [--resume] [--device cpu|cuda] [--no-detect] [--require-face]
+                   [--annotate out.png] [--batch-size N]
+    feallm analyze IMAGE_OR_DIR... --openai-model NAME --base-url URL ...
 
 For each image: load it safely (`data.images.load_rgb`: corrupt, empty, non-image, tiny
 and decompression-bomb files become an error row; grayscale, RGBA, CMYK, 16-bit are
@@ -18,7 +19,9 @@ expression (one of `labels.EXPRESSIONS`, empty when the answer names none), `AU0
 reasoning text and the raw answers, and `error`. An image without a face gives one row
 with an empty `face_id` (an error row with `--require-face`). `--no-detect` treats every
 image as an aligned face crop (the paper's setting): one face, the whole image. One bad
-file never stops the run: it gets a row whose `error` says what was wrong.
+file never stops the run: it gets a row whose `error` says what was wrong. Rows are
+written as each image finishes (`serve.results_file`): an interrupted run keeps them,
+and `--resume` analyses only the images not yet in `--out`.
 
 Python: `analyze(["photo.jpg"], model_path=...)` returns a pandas DataFrame (a list of
 dicts when pandas is not installed).
@@ -27,17 +30,18 @@ dicts when pandas is not installed).
 from __future__ import annotations
 
 import argparse
-import json
+import csv
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from feallm_llava.errors import EXIT_ITEMS_FAILED, UsageError
 from feallm_llava.facs.labels import AUS, au_key
+from feallm_llava.serve.results_file import ResultsFile
 
 AU_COLUMNS: tuple[str, ...] = tuple(au_key(au) for au in AUS)  # AU01 ... AU26 (labels.AUS order)
 BOX_COLUMNS = ("face_x", "face_y", "face_w", "face_h")
@@ -249,11 +253,12 @@ class Analyzer:
         return out
 
     # -- many images -------------------------------------------------------------
-    def iter_rows(self, sources: Sequence[Source], *, progress: bool = True,
-                  on_image=None) -> Iterator[dict]:
-        """Rows in input order. Faces are collected across images until a full batch of
-        queries is pending, so small images still fill the batch. `on_image(source, img,
-        rows)` is called once each image's rows are complete (used for --annotate)."""
+    def iter_images(self, sources: Sequence[Source], *, progress: bool = True,
+                    on_image=None) -> Iterator[tuple[Source, list[dict]]]:
+        """(source, its rows) in input order, each image once its rows are complete. Faces
+        are collected across images until a full batch of queries is pending, so small
+        images still fill the batch. `on_image(source, img, rows)` is called for each
+        image with its decoded picture (used for --annotate)."""
         from tqdm.auto import tqdm
 
         pending: list[tuple[Source, Image.Image | None, list[dict], list[_Face]]] = []
@@ -271,17 +276,33 @@ class Analyzer:
         finally:
             bar.close()
 
-    def _flush(self, pending, on_image, bar) -> Iterator[dict]:
+    def iter_rows(self, sources: Sequence[Source], *, progress: bool = True, on_image=None) -> Iterator[dict]:
+        """Every row, in input order."""
+        for _source, rows in self.iter_images(sources, progress=progress, on_image=on_image):
+            yield from rows
+
+    def _flush(self, pending, on_image, bar) -> Iterator[tuple[Source, list[dict]]]:
         self._answer([face for _s, _i, _r, faces in pending for face in faces])
         for source, img, rows, _faces in pending:
             if on_image is not None and img is not None:
                 on_image(source, img, rows)
             bar.update(1)
-            yield from rows
+            yield source, rows
 
 
-def load_backend(model_path: str, model_base: str | None = None, *, device: str = "cpu",
-                 dtype: str | None = None, conv_mode: str | None = None, max_new_tokens: int = 256):
+def load_backend(model_path: str | None = None, model_base: str | None = None, *, device: str = "cpu",
+                 dtype: str | None = None, conv_mode: str | None = None, max_new_tokens: int = 256,
+                 openai_model: str | None = None, base_url: str | None = None, concurrency: int = 8):
+    """A LLaVA checkpoint (`model_path`), or an OpenAI-compatible server (`openai_model`,
+    `base_url`; the key from OPENAI_API_KEY)."""
+    if (model_path is None) == (openai_model is None):
+        raise UsageError("give exactly one model: --model-path (a LLaVA checkpoint) or --openai-model "
+                         "(an OpenAI-compatible server, with --base-url)")
+    if openai_model is not None:
+        from feallm_llava.inference.openai_client import OpenAIBackend
+
+        return OpenAIBackend(openai_model, base_url=base_url, concurrency=concurrency,
+                             max_new_tokens=max_new_tokens)
     from feallm_llava.inference.llava_runner import LlavaBackend
 
     return LlavaBackend(model_path, model_base, conv_mode=conv_mode, device=device, dtype=dtype,
@@ -324,16 +345,19 @@ def analyze(inputs: Iterable[str | os.PathLike | Image.Image] | str | os.PathLik
                                max_new_tokens=max_new_tokens)
     analyzer = Analyzer(backend, detect=detect, require_face=require_face, margin=margin,
                         batch_size=batch_size, questions=questions)
-    on_image = None
-    if annotate is not None:
-        from feallm_llava.serve.annotate_png import annotate_image
-
-        targets = annotation_paths(annotate, sources)
-
-        def on_image(source, img, rows):
-            annotate_image(img, rows).save(targets[source.label], format="PNG")
-
+    on_image = annotating(annotate, sources) if annotate is not None else None
     return to_frame(list(analyzer.iter_rows(sources, progress=progress, on_image=on_image)))
+
+
+def annotating(target: str | os.PathLike, sources: Sequence[Source]):
+    """The `on_image` callback that saves each image's annotated PNG (`annotation_paths`)."""
+    from feallm_llava.serve.annotate_png import annotate_image
+
+    targets = annotation_paths(target, sources)
+
+    def on_image(source, img, rows):
+        annotate_image(img, rows).save(targets[source.label], format="PNG")
+    return on_image
 
 
 def annotation_paths(target: str | os.PathLike, sources: Sequence[Source]) -> dict[str, Path]:
@@ -357,32 +381,17 @@ def annotation_paths(target: str | os.PathLike, sources: Sequence[Source]) -> di
 
 # ----------------------------------------------------------------------------- output
 
-def write_results(rows_or_frame, out: str | os.PathLike) -> Path:
-    """CSV or JSON (a list of records, null for empty) by the suffix; written atomically."""
-    out = Path(out)
-    suffix = out.suffix.lower()
-    if suffix not in (".csv", ".json"):
-        raise ValueError(f"--out {out}: use a .csv or .json file name")
+def plain_rows(rows_or_frame) -> list[dict]:
+    """Rows with `COLUMNS` only and plain values (pandas' NA / numpy scalars -> None / Python)."""
     rows = rows_or_frame.to_dict(orient="records") if hasattr(rows_or_frame, "to_dict") else rows_or_frame
-    rows = [{c: _plain(r.get(c)) for c in COLUMNS} for r in rows]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            if suffix == ".json":
-                json.dump(rows, f, ensure_ascii=False, indent=1)
-                f.write("\n")
-            else:
-                import csv
+    return [{c: _plain(r.get(c)) for c in COLUMNS} for r in rows]
 
-                writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
-                writer.writeheader()
-                writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+
+def write_results(rows_or_frame, out: str | os.PathLike) -> Path:
+    """CSV, JSONL or JSON (a list of records, null for empty) by the suffix; replaces `out`."""
+    with ResultsFile(out, COLUMNS, overwrite=True) as results:
+        results.add(plain_rows(rows_or_frame))
+    return results.path
 
 
 def _plain(value):
@@ -399,71 +408,107 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def summary(rows: list[dict]) -> str:
-    images = len({r["input"] for r in rows})
-    faces = sum(r["face_id"] is not None for r in rows)
-    errors = [r for r in rows if r["error"]]
-    no_face = sum(r["face_id"] is None and not r["error"] for r in rows)
-    text = f"{images} image(s), {faces} face(s), {no_face} without a face, {len(errors)} error(s)"
-    for r in errors[:20]:
-        text += f"\n  {r['input']}" + (f" face {r['face_id']}" if r["face_id"] is not None else "") + f": {r['error']}"
-    if len(errors) > 20:
-        text += f"\n  ... {len(errors) - 20} more (see the error column)"
-    return text
+class _Tally:
+    """What a run produced, for the summary and the exit status."""
+
+    def __init__(self):
+        self.images, self.faces, self.no_face, self.errors = 0, 0, 0, []
+
+    def add(self, rows: list[dict]) -> None:
+        self.images += 1
+        self.faces += sum(r["face_id"] is not None for r in rows)
+        self.no_face += sum(r["face_id"] is None and not r["error"] for r in rows)
+        self.errors += [r for r in rows if r["error"]]
+
+    def __str__(self) -> str:
+        text = (f"{self.images} image(s), {self.faces} face(s), {self.no_face} without a face, "
+                f"{len(self.errors)} error(s)")
+        for r in self.errors[:20]:
+            face = f" face {r['face_id']}" if r["face_id"] is not None else ""
+            text += f"\n  {r['input']}{face}: {r['error']}"
+        if len(self.errors) > 20:
+            text += f"\n  ... {len(self.errors) - 20} more (see the error column)"
+        return text
 
 
 # ----------------------------------------------------------------------------- command line
 
+EXAMPLES = """\
+  feallm analyze photos/ --model-path runs/demo/train/llava-tiny-feallm-lora --model-base runs/demo/llm \\
+      --out results.csv --annotate boxes/          # the demo's checkpoint (bash launch/demo.sh makes it)
+  feallm analyze faces/ --no-detect --model-path CKPT --model-base BASE --out results.jsonl --resume
+  feallm analyze photo.jpg --openai-model feallm --base-url http://127.0.0.1:8000/v1   # a served model"""
+INTERRUPTED = "the images finished before it are in --out; add --resume to the same command to do the rest"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories")
-    parser.add_argument("--model-path", required=True, help="FEALLM / LLaVA checkpoint directory")
-    parser.add_argument("--model-base", default=None, help="base LLM for LoRA / projector-only checkpoints")
-    parser.add_argument("--out", default=None, help="results.csv or results.json (default: CSV on stdout)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N) (default: cpu)")
-    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
-                        help="default: float32 on CPU, float16 on GPU")
+    model = parser.add_argument_group("model: a LLaVA checkpoint, or an OpenAI-compatible server")
+    model.add_argument("--model-path", default=None, help="FEALLM / LLaVA checkpoint directory")
+    model.add_argument("--model-base", default=None, help="base LLM for LoRA / projector-only checkpoints")
+    model.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    model.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                       help="default: float32 on CPU, float16 on GPU")
+    model.add_argument("--conv-mode", default=None, help="conversation template (default: from the model name)")
+    model.add_argument("--openai-model", default=None, help="model name on the server (instead of --model-path)")
+    model.add_argument("--base-url", default=None, help="the server, e.g. http://127.0.0.1:8000/v1 "
+                                                        "(key from OPENAI_API_KEY)")
+    model.add_argument("--concurrency", type=int, default=8, help="requests in flight to the server")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default=None,
+                     help="results .csv, .jsonl or .json (default: CSV on stdout); rows are written as "
+                          "images finish")
+    out.add_argument("--resume", action="store_true", help="continue --out: skip the images already in it")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    out.add_argument("--annotate", default=None, metavar="OUT.png",
+                     help="write boxes + labels: a PNG for one image, else a directory of PNGs")
     parser.add_argument("--no-detect", action="store_true",
                         help="treat each image as an aligned face crop (the paper's setting)")
     parser.add_argument("--require-face", action="store_true", help="an image without a face is an error row")
-    parser.add_argument("--annotate", default=None, metavar="OUT.png",
-                        help="write boxes + labels: a PNG for one image, else a directory of PNGs")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
-                        help=f"crop margin, x the face box side on each side (default {DEFAULT_MARGIN})")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--conv-mode", default=None, help="conversation template (default: from the model name)")
+                        help="crop margin, x the face box side on each side")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
     for task in TASKS:
-        parser.add_argument(f"--{task}-question", default=None,
-                            help=f"default: {DEFAULT_QUESTIONS[task]!r}")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.epilog = ("Exit status: 0 when every row is clean, 1 when some row carries an error "
-                     "(all rows are still written), 2 for bad arguments or a model that does not load.")
+        parser.add_argument(f"--{task}-question", default=None, help=f"default: {DEFAULT_QUESTIONS[task]!r}")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.out is not None and Path(args.out).suffix.lower() not in (".csv", ".json"):
-        print(f"error: --out {args.out}: use a .csv or .json file name", file=sys.stderr)
-        return 2
+    if (args.resume or args.overwrite) and args.out is None:
+        raise UsageError("--resume and --overwrite need --out")
+    results = ResultsFile(args.out, COLUMNS, resume=args.resume, overwrite=args.overwrite) if args.out else None
+    backend = load_backend(args.model_path, args.model_base, device=args.device, dtype=args.dtype,
+                           conv_mode=args.conv_mode, max_new_tokens=args.max_new_tokens,
+                           openai_model=args.openai_model, base_url=args.base_url, concurrency=args.concurrency)
+    sources, notes = expand_inputs(args.inputs)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if results is not None and results.done:
+        before = len(sources)
+        sources = [s for s in sources if s.label not in results.done]
+        print(f"resuming {results.path}: {before - len(sources)} of {before} image(s) already there",
+              file=sys.stderr)
     questions = {t: getattr(args, f"{t}_question") for t in TASKS if getattr(args, f"{t}_question")}
+    analyzer = Analyzer(backend, detect=not args.no_detect, require_face=args.require_face,
+                        batch_size=args.batch_size, margin=args.margin, questions=questions)
+    on_image = annotating(args.annotate, sources) if args.annotate else None
+    tally = _Tally()
+    stdout = None if results is not None else csv.DictWriter(sys.stdout, fieldnames=list(COLUMNS))
+    if stdout is not None:
+        stdout.writeheader()
     try:
-        result = analyze(args.inputs, model_path=args.model_path, model_base=args.model_base,
-                         device=args.device, dtype=args.dtype, detect=not args.no_detect,
-                         require_face=args.require_face, batch_size=args.batch_size,
-                         margin=args.margin, max_new_tokens=args.max_new_tokens,
-                         conv_mode=args.conv_mode, questions=questions, annotate=args.annotate,
-                         progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as err:  # model path / arguments
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    rows = result.to_dict(orient="records") if hasattr(result, "to_dict") else result
-    rows = [{c: _plain(r.get(c)) for c in COLUMNS} for r in rows]
-    if args.out is not None:
-        print(f"wrote {write_results(rows, args.out)}", file=sys.stderr)
-    else:
-        import csv
-
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(COLUMNS))
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
-    print(summary(rows), file=sys.stderr)
-    return 1 if any(r["error"] for r in rows) else 0
+        for _source, rows in analyzer.iter_images(sources, progress=not args.no_progress, on_image=on_image):
+            rows = plain_rows(rows)
+            if results is not None:
+                results.add(rows)
+            else:
+                stdout.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+                sys.stdout.flush()
+            tally.add(rows)
+    finally:
+        if results is not None:
+            results.close()
+            print(f"wrote {results.path}", file=sys.stderr)
+    print(tally, file=sys.stderr)
+    return EXIT_ITEMS_FAILED if tally.errors else 0

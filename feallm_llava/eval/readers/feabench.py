@@ -1,8 +1,9 @@
 """FEABench (paper section 3.3): the evaluation split written by `feallm build-dataset`.
 
-`eval.json` is a list of {"id", "image", "expression", "aus", "subject"}: `expression`
-one of the 7 classes, `aus` the active AUs among the 12 (ints). Relative image paths
-are resolved against `--image-folder` when given, else against the directory holding
+`eval.json` is a list of {"id", "image", "expression", "aus", "subject", "image_folder"}:
+`expression` one of the 7 classes, `aus` the active AUs among the 12 (ints). Relative
+image paths are resolved against `--image-folder` when given, else against the item's
+`image_folder` (written by the builder), else against the directory holding
 `eval.json`; absolute paths are used as they are.
 
 `--data` may name the json file itself or the directory that holds `eval.json`.
@@ -46,7 +47,6 @@ def read(root: Path, options: ReaderOptions) -> ReadResult:
         raise ValueError(f"FEABench: {path} is not valid JSON: {e}") from e
     if not isinstance(entries, list):
         raise ValueError(f"FEABench: {path} must hold a JSON list of records, got {type(entries).__name__}")
-    image_root = Path(options.image_folder) if options.image_folder else path.parent
 
     records: list[FaceRecord] = []
     seen: set[str] = set()
@@ -65,6 +65,7 @@ def read(root: Path, options: ReaderOptions) -> ReadResult:
         if entry["expression"] not in EXPRESSIONS:
             raise ValueError(f"{where}: expression {entry['expression']!r} is not one of {list(EXPRESSIONS)}")
         image = Path(entry["image"])
+        image_root = Path(options.image_folder or entry.get("image_folder") or path.parent)
         records.append(FaceRecord(
             id=rid,
             image=image if image.is_absolute() else image_root / image,

@@ -1,0 +1,115 @@
+"""`feallm analyze`'s output file: rows appended as images finish, resumable.
+
+- `.csv` and `.jsonl`: the rows of each finished image are appended in one `write(2)`
+  on an `O_APPEND` descriptor (`jsonl.LineAppender`), so an interrupt or a kill leaves
+  whole images only; a torn tail (a machine that died mid-write) is cut off when the
+  file is opened again.
+- `.json` (one list): held in memory and written atomically when the run ends or is
+  interrupted.
+
+`--resume` reads what a file already holds and the run skips those inputs; without it,
+an existing non-empty file is refused (`--overwrite` starts it again).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from feallm_llava.errors import UsageError
+from feallm_llava.jsonl import DamagedLine, JsonlAppender, LineAppender, cut_torn_tail, read_lines
+
+SUFFIXES = (".csv", ".jsonl", ".json")
+
+
+class ResultsFile:
+    def __init__(self, path: str | os.PathLike, columns: Sequence[str], *, resume: bool = False,
+                 overwrite: bool = False):
+        self.path = Path(path)
+        self.columns = list(columns)
+        self.suffix = self.path.suffix.lower()
+        if self.suffix not in SUFFIXES:
+            raise UsageError(f"--out {self.path}: use a .csv, .jsonl or .json file name")
+        exists = self.path.is_file() and self.path.stat().st_size > 0
+        if exists and not (resume or overwrite):
+            raise UsageError(f"--out {self.path} exists: --resume continues it (its images are not "
+                             f"analysed again), --overwrite starts it again")
+        if exists and overwrite:
+            self.path.unlink()
+            exists = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = self._read() if exists else []  # for .json: everything to write
+        self.done = {row["input"] for row in self.rows}
+        self._appender = None
+        if self.suffix == ".jsonl":
+            self._appender = JsonlAppender(self.path)
+        elif self.suffix == ".csv":
+            new = not self.path.is_file() or self.path.stat().st_size == 0
+            self._appender = LineAppender(self.path)
+            if new:
+                self._write_csv([dict(zip(self.columns, self.columns))])
+        if self.suffix != ".json":
+            self.rows = []  # appended at once: nothing kept in memory
+
+    # -- reading what a file holds -------------------------------------------------------
+    def _read(self) -> list[dict]:
+        if self.suffix == ".json":
+            try:
+                rows = json.loads(self.path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{self.path}:{err.lineno}: not a results file ({err.msg}); "
+                                 f"--overwrite starts it again") from None
+            return rows if isinstance(rows, list) else []
+        if self.suffix == ".jsonl":
+            try:
+                lines, _torn = read_lines(self.path)
+            except DamagedLine as err:
+                raise UsageError(f"{err}; delete that line or --overwrite") from None
+            return [value for _lineno, value in lines if isinstance(value, dict) and "input" in value]
+        cut_torn_tail(self.path)  # a CSV row may span lines (quoted newlines); a torn one never ends in one
+        with self.path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "input" not in reader.fieldnames:
+                raise UsageError(f"{self.path}: not an analyze results file (no 'input' column); "
+                                 f"--overwrite starts it again")
+            return list(reader)
+
+    # -- writing ---------------------------------------------------------------------------
+    def add(self, rows: list[dict]) -> None:
+        """The rows of one finished image, all at once."""
+        rows = [{c: row.get(c) for c in self.columns} for row in rows]
+        if self.suffix == ".json":
+            self.rows.extend(rows)
+        elif self.suffix == ".jsonl":
+            for row in rows:
+                self._appender.append(row)
+        else:
+            self._write_csv(rows)
+
+    def _write_csv(self, rows: list[dict]) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+        self._appender.write(buf.getvalue())  # one write: whole rows
+
+    def close(self) -> None:
+        if self._appender is not None:
+            self._appender.close()
+            self._appender = None
+        if self.suffix == ".json":
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.rows, f, ensure_ascii=False, indent=1)
+                f.write("\n")
+            os.replace(tmp, self.path)
+
+    def __enter__(self) -> ResultsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
