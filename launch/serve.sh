@@ -14,8 +14,11 @@
 #
 # Security: every server binds to 127.0.0.1 unless you pass --host 0.0.0.0 (or set
 # FEALLM_SERVE_HOST). Upstream's UI needs gradio 4.16.0, which has published
-# path-traversal advisories fixed only in much later releases; a warning is printed when
-# the stack is exposed. Prefer an SSH tunnel: ssh -L 7860:127.0.0.1:<web port> host.
+# path-traversal advisories fixed only in much later releases, and upstream's controller
+# and model_worker have no authentication: anyone who reaches their ports can use the
+# model and register workers (which the controller then routes requests to). A warning
+# is printed when the stack is exposed. Prefer an SSH tunnel:
+# ssh -L 7860:127.0.0.1:<web port> host.
 # Ctrl-C (or SIGTERM) stops all three processes.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -48,6 +48,8 @@ COVERED_ELSEWHERE = {
     "seed_model_init": ("tests/test_train.py", "test_same_seed_gives_the_same_stage1_projector"),
     "serve_examples": ("tests/test_serve_stack.py",
                        "test_gradio_server_starts_with_feallm_example_faces_instead_of_missing_upstream_images"),
+    # upstream's worker runs as __main__ and its module redirects sys.stdout when imported
+    "worker_error_replies": ("tests/test_serve_load.py", "test_each_faulty_kind_is_refused_with_its_cause"),
 }
 
 # The attribute each shim replaces: (module, dotted attribute), for the no-op check.
@@ -62,6 +64,7 @@ TARGETS = {
     "quantized_loading": ("llava.model.builder", "load_pretrained_model"),
     "worker_generate_errors": ("llava.model.language_model.llava_llama", "LlavaLlamaForCausalLM.generate"),
     "worker_image_errors": ("llava.mm_utils", "load_image_from_base64"),
+    "worker_error_replies": ("llava.model.builder", "load_pretrained_model"),
     "serve_examples": ("gradio", "Examples"),
     "datasets_namespace": ("transformers.trainer", "is_datasets_available"),
     "warmup_ratio": ("llava.train.train", "TrainingArguments"),

@@ -185,6 +185,7 @@ def test_serve_sh_binds_loopback_by_default_and_warns_when_exposed(tmp_path):
     assert exposed.returncode == 0, exposed.stderr
     assert "--host 0.0.0.0" in exposed.stdout and "--device cuda" in exposed.stdout
     assert "WARNING" in exposed.stderr and "path-traversal" in exposed.stderr
+    assert "no authentication" in exposed.stderr and "register workers" in exposed.stderr
 
 
 # ----------------------------------------------------------------------------- web UI

@@ -14,6 +14,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                   "forward time and size: CLIP tower vs mlp2x_gelu vs FEALLM projector"),
     "throughput": ("feallm_llava.bench.throughput", "batched generation throughput of the eval runner"),
     "annotate": ("feallm_llava.bench.annotate", "annotation throughput against a fake OpenAI service"),
+    "serve-load": ("feallm_llava.bench.serve_load",
+                   "upstream's controller + worker under concurrent and faulty requests, then a worker kill"),
 }
 
 

@@ -14,8 +14,10 @@ until Ctrl-C.
 
 Every server binds to 127.0.0.1 unless the caller asks for another host: gradio 4.16.0 (the
 version upstream's UI needs) has published path-traversal advisories that are fixed only
-in much later releases, so exposing it to a network is an explicit choice that prints
-`EXPOSURE_WARNING`.
+in much later releases, and upstream's controller and worker have no authentication
+(whoever reaches their ports can generate, or register a worker of their own that the
+controller then routes requests to), so exposing them to a network is an explicit choice
+that prints `EXPOSURE_WARNING`.
 
 Each process runs in its own session (process group) with its working directory in
 `log_dir`: upstream writes its log files (`controller.log`, `model_worker_<id>.log`,
@@ -48,6 +50,9 @@ EXPOSURE_WARNING = (
     "WARNING: serving on {host}, reachable from other machines. Upstream LLaVA's web UI "
     "needs gradio 4.16.0, which has published path-traversal advisories (files on this "
     "machine can be read through crafted URLs) fixed only in much later gradio releases. "
+    "Upstream's controller and model_worker have no authentication: anyone who reaches "
+    "their ports can use the model and register workers (the controller then routes "
+    "requests to them). "
     "Expose it only on a network you trust, or keep the default 127.0.0.1 and use an SSH "
     "tunnel (ssh -L PORT:127.0.0.1:PORT host)."
 )

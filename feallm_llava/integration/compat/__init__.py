@@ -9,7 +9,8 @@ so importing this package costs nothing. One module per concern:
     training   llava.train.*: trainer and train() on newer transformers, without
                flash-attn or DeepSpeed, seeded
     loading    llava.model.*: forward() keywords of newer generate(), quantized loading
-    serving    the worker's errors with their cause, the chat page's example images
+    serving    the worker's errors with their cause (in its log and its replies), the
+               chat page's example images
 
 `python -m feallm_llava.integration.compat` prints the table and whether each is active.
 """
@@ -39,6 +40,7 @@ SHIMS: tuple[Shim, ...] = (
     loading.quantized_loading,
     serving.worker_generate_errors,
     serving.worker_image_errors,
+    serving.worker_error_replies,
     serving.serve_examples,
 )
 

@@ -2,7 +2,7 @@
 
 Upstream's worker and Gradio server run as `python -m ...` (`__main__`), where no import
 hook sees their own module; these shims mend what they import (llava.mm_utils, the
-model class, gradio) before `from ... import` binds it.
+model class, the model loader, gradio) before `from ... import` binds it.
 """
 
 from __future__ import annotations
@@ -101,6 +101,111 @@ def worker_image_errors(_original):
             raise ImageError(label, f"not valid base64 ({err})") from err
         return load_rgb(data, name=f"{label}, {len(data)} bytes")
     return load_image_from_base64
+
+
+WORKER_MODULE = "llava.serve.model_worker"
+# What upstream's worker answers, with error_code 0, when prompt + image tokens fill the context.
+OVERLONG_REPLY = "Exceeds max token length. Please start a new conversation, thanks."
+REPLY_LIMIT = 1000  # characters of an exception message sent back to the client
+
+
+def worker_modules() -> list[ModuleType]:
+    """Upstream's model_worker module wherever it runs: imported, or as `__main__` (python -m)."""
+    import sys
+
+    found = []
+    for name in ("__main__", WORKER_MODULE):
+        module = sys.modules.get(name)
+        spec = getattr(module, "__spec__", None)
+        if (module is not None and module not in found and getattr(spec, "name", None) == WORKER_MODULE
+                and isinstance(getattr(module, "ModelWorker", None), type)):
+            found.append(module)
+    return found
+
+
+def error_reply(err: BaseException) -> str:
+    """The client's error text: what failed and why, instead of upstream's "NETWORK ERROR DUE TO
+    HIGH TRAFFIC" for every failure. A ValueError is the request's fault or the model's, named as
+    it is; other errors (CUDA, out of memory) keep upstream's advice to retry, with their cause."""
+    from llava.utils import server_error_msg
+
+    cause = f"{type(err).__name__}: {err}"
+    if len(cause) > REPLY_LIMIT:
+        cause = cause[:REPLY_LIMIT] + " ..."
+    return cause if isinstance(err, ValueError) else f"{server_error_msg} ({cause})"
+
+
+def overlong_reply(context: int | None) -> str:
+    size = f"the model's context of {context} tokens" if context else "the model's context"
+    return (f"Exceeds max token length: the prompt and its image tokens leave no room to answer in "
+            f"{size}. Please start a new conversation, thanks.")
+
+
+def _mend_gate(original):
+    """ModelWorker.generate_stream_gate that names the cause of a failed request to the client."""
+    import json
+
+    def generate_stream_gate(self, params):
+        prompt = params.get("prompt") if isinstance(params, dict) else None
+        first = True
+        try:
+            for chunk in self.generate_stream(params):
+                if first and prompt is not None and OVERLONG_REPLY.encode() in chunk:
+                    data = json.loads(chunk.rstrip(b"\0"))
+                    if data.get("error_code") == 0 and data.get("text") == prompt + OVERLONG_REPLY:
+                        context = getattr(self.model.config, "max_position_embeddings", None)
+                        print("Refused: prompt over the context of", context, "tokens")
+                        yield json.dumps({"text": overlong_reply(context), "error_code": 1}).encode() + b"\0"
+                        return
+                first = False
+                yield chunk
+        except Exception as err:  # noqa: BLE001 - upstream's gate catches every error of a request too
+            import torch
+
+            # upstream's log lines, word for word
+            if isinstance(err, ValueError):
+                print("Caught ValueError:", err)
+            elif isinstance(err, torch.cuda.CudaError):
+                print("Caught torch.cuda.CudaError:", err)
+            else:
+                print("Caught Unknown Error", err)
+            yield json.dumps({"text": error_reply(err), "error_code": 1}).encode() + b"\0"
+    return generate_stream_gate
+
+
+def mend_worker_replies() -> None:
+    """Mend the reply gate of upstream's worker module(s) loaded now; once each."""
+    for module in worker_modules():
+        wrap(module.ModelWorker, "generate_stream_gate", "worker_error_replies", _mend_gate)
+
+
+@shim("llava.model.builder", replaces="load_pretrained_model", versions="all")
+def worker_error_replies(original):
+    """Without it: model_worker: a corrupt or oversized image, a failed generation: the client
+    gets "NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE" (no cause); a prompt over the
+    context is answered with error_code 0, as if the model had said it.
+
+    ModelWorker.generate_stream_gate: error replies (error_code 1) that name the cause.
+
+    Upstream's gate catches every exception of a request, prints it to the worker's log and
+    answers the same `server_error_msg`: a client (or the Gradio page) is told to retry a
+    request that will fail again, and cannot say which of many concurrent requests was
+    wrong or why. A prompt whose tokens plus image tokens fill the context is answered
+    "<prompt>Exceeds max token length..." with error_code 0, which API clients take for an
+    answer. Mended: the reply names the exception (`ImageError: request image (base64),
+    4096 bytes: not an image file ...`; other than ValueError: upstream's message plus the
+    cause) and an over-long prompt gets error_code 1 with the context size; log lines and
+    successful streams are upstream's, byte for byte.
+
+    The worker runs as `__main__` (python -m), where no import hook sees it; its
+    `ModelWorker.__init__` calls `load_pretrained_model` once every name of the module
+    exists, so that call is where the gate is mended (an imported llava.serve.model_worker
+    is mended the same way).
+    """
+    def load_pretrained_model(*args, **kwargs):
+        mend_worker_replies()
+        return original(*args, **kwargs)
+    return load_pretrained_model
 
 
 SERVE_EXAMPLES = ("extreme_ironing.jpg", "waterview.jpg")  # what upstream's gradio_web_server names
