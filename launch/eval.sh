@@ -21,9 +21,13 @@
 #   OPENAI_MODEL     evaluate an OpenAI-compatible endpoint instead of MODEL_PATH;
 #   BASE_URL         its URL (default: OpenAI); the key comes from OPENAI_API_KEY
 #   BENCHES          "feabench rafdb affectnet bp4d disfa" (default: those whose data exist;
-#                    a benchmark named here explicitly must have its data)
+#                    a benchmark named here explicitly must have its data). LLaVA's own
+#                    textvqa, pope and sqa run upstream's eval scripts on the checkpoint
+#                    (model_vqa_loader / model_vqa_science, then eval_textvqa / eval_pope /
+#                    eval_science_qa) on the files its scripts/v1_5/eval/*.sh read under
+#                    DATA_ROOT (textvqa/, pope/, scienceqa/), --conv-mode vicuna_v1 unless CONV_MODE
 #   FEABENCH_DATA    playground/data/fea (`feallm build-dataset --out`, holds eval.json)
-#   FEABENCH_IMAGES  playground/data/Aff-Wild2/cropped_aligned (eval.json's image root)
+#   FEABENCH_IMAGES  eval.json's image root when it moved (default: the folder eval.json names)
 #   DATA_ROOT        playground/data/eval: default parent of the four zero-shot sets
 #   RAFDB_DATA       $DATA_ROOT/RAF-DB        AFFECTNET_DATA  $DATA_ROOT/AffectNet
 #   BP4D_DATA        $DATA_ROOT/BP4D          DISFA_DATA      $DATA_ROOT/DISFA
@@ -58,7 +62,7 @@ if [ -z "${MODEL_BASE+set}" ]; then
   esac
 fi
 FEABENCH_DATA="${FEABENCH_DATA:-$root/playground/data/fea}"
-FEABENCH_IMAGES="${FEABENCH_IMAGES-$root/playground/data/Aff-Wild2/cropped_aligned}"
+FEABENCH_IMAGES="${FEABENCH_IMAGES:-}"
 DATA_ROOT="${DATA_ROOT:-$root/playground/data/eval}"
 RAFDB_DATA="${RAFDB_DATA:-$DATA_ROOT/RAF-DB}"
 AFFECTNET_DATA="${AFFECTNET_DATA:-$DATA_ROOT/AffectNet}"
@@ -71,6 +75,7 @@ SEED="${SEED:-0}"
 if [ -n "$OPENAI_MODEL" ]; then label="$OPENAI_MODEL"; else label="$(basename "$MODEL_PATH")"; fi
 OUT="${OUT:-$root/runs/eval/${label//\//_}}"
 all_benches="feabench rafdb affectnet bp4d disfa"
+llava_benches="textvqa pope sqa"   # LLaVA's own benchmarks, through upstream's eval scripts
 explicit=0; [ -n "${BENCHES:-}" ] && explicit=1
 BENCHES="${BENCHES:-$all_benches}"
 
@@ -118,12 +123,58 @@ bench_args() {  # bench_args BENCH -> fills `args`; returns 1 when its data are 
   [ -e "$data" ]
 }
 
+# -- LLaVA's own benchmarks: upstream's generation script, then its scorer, on the files
+# its scripts/v1_5/eval/<bench>.sh reads under DATA_ROOT (downloaded as LLaVA's docs say)
+llava_bench() {  # llava_bench BENCH; returns 1 when its data are missing
+  local bench="$1" dir answers gen score
+  answers="$OUT/$bench/answers.jsonl"
+  case "$bench" in
+    textvqa) dir="$DATA_ROOT/textvqa"
+      gen=(llava.eval.model_vqa_loader --question-file "$dir/llava_textvqa_val_v051_ocr.jsonl"
+           --image-folder "$dir/train_images")
+      score=(llava.eval.eval_textvqa --annotation-file "$dir/TextVQA_0.5.1_val.json" --result-file "$answers") ;;
+    pope) dir="$DATA_ROOT/pope"
+      gen=(llava.eval.model_vqa_loader --question-file "$dir/llava_pope_test.jsonl" --image-folder "$dir/val2014")
+      score=(llava.eval.eval_pope --annotation-dir "$dir/coco" --question-file "$dir/llava_pope_test.jsonl"
+             --result-file "$answers") ;;
+    sqa) dir="$DATA_ROOT/scienceqa"
+      gen=(llava.eval.model_vqa_science --question-file "$dir/llava_test_CQM-A.json"
+           --image-folder "$dir/images/test" --single-pred-prompt)
+      score=(llava.eval.eval_science_qa --base-dir "$dir" --result-file "$answers"
+             --output-file "$OUT/$bench/output.jsonl" --output-result "$OUT/$bench/result.json") ;;
+  esac
+  [ -z "$OPENAI_MODEL" ] || die "$bench runs upstream's eval script on a checkpoint: set MODEL_PATH, not OPENAI_MODEL"
+  args=(x x x "${gen[2]}")  # where its data should be, for the message of a missing set
+  gen=("$PY" -m "${gen[@]}" --model-path "$MODEL_PATH" --answers-file "$answers" --temperature 0
+       --conv-mode "${CONV_MODE:-vicuna_v1}")
+  [ -z "$MODEL_BASE" ] || gen+=(--model-base "$MODEL_BASE")
+  (( ${#gpus[@]} == 0 )) || gen=(env "CUDA_VISIBLE_DEVICES=${gpus[0]}" "${gen[@]}")
+  show "${gen[@]}"
+  show "$PY" -m "${score[@]}"
+  [ -e "${args[3]}" ] || return 1
+  ((dry)) && return 0
+  mkdir -p "$OUT/$bench"
+  "${gen[@]}" || die "$bench: upstream's generation script failed"
+  "$PY" -m "${score[@]}" | tee "$OUT/$bench/score.txt" || die "$bench: upstream's scorer failed"
+}
+
 feallm=("$PY" -m feallm_llava.cli)
 predictions=()
 ran=()
 skipped=()
 for bench in $BENCHES; do
-  case " $all_benches " in *" $bench "*) ;; *) die "unknown benchmark '$bench' in BENCHES (choose from: $all_benches)" ;; esac
+  case " $all_benches $llava_benches " in *" $bench "*) ;; *)
+    die "unknown benchmark '$bench' in BENCHES (choose from: $all_benches $llava_benches)" ;; esac
+  case " $llava_benches " in *" $bench "*)
+    if llava_bench "$bench"; then ran+=("$bench")
+    else
+      msg="$bench: no data at ${args[3]} (upstream LLaVA's docs/Evaluation.md says where to get it)"
+      if ((dry)); then note "$msg; a real run stops or skips here"; ran+=("$bench")
+      elif ((explicit)); then die "$msg"
+      else note "$msg: skipped"; skipped+=("$bench"); fi
+    fi
+    continue ;;
+  esac
   if ! bench_args "$bench"; then
     msg="$bench: no data at ${args[3]} (set $(tr '[:lower:]' '[:upper:]' <<<"$bench")_DATA)"
     if ((dry)); then
@@ -162,6 +213,7 @@ for bench in $BENCHES; do
   ((dry)) || "${merge[@]}" || die "$bench: merging the chunks failed"
 done
 (( ${#ran[@]} )) || die "no benchmark has data (set FEABENCH_DATA, RAFDB_DATA, ...; skipped: ${skipped[*]})"
+(( ${#predictions[@]} )) || { ((dry)) || note "LLaVA benchmark scores: $OUT/<bench>/score.txt"; exit 0; }
 
 # -- one score table over every benchmark that ran --------------------------------------
 score=("${feallm[@]}" score "${predictions[@]}" --out "$OUT/scores")

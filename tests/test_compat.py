@@ -50,6 +50,8 @@ COVERED_ELSEWHERE = {
                        "test_gradio_server_starts_with_feallm_example_faces_instead_of_missing_upstream_images"),
     # upstream's worker runs as __main__ and its module redirects sys.stdout when imported
     "worker_error_replies": ("tests/test_serve_load.py", "test_each_faulty_kind_is_refused_with_its_cause"),
+    # acts only under `python -m llava.eval.<script>` on a machine without CUDA
+    "eval_scripts_on_cpu": ("tests/test_eval_scripts.py", "test_model_vqa_loader_answers_as_our_runner_does"),
 }
 
 # The attribute each shim replaces: (module, dotted attribute), for the no-op check.
@@ -65,6 +67,7 @@ TARGETS = {
     "worker_generate_errors": ("llava.model.language_model.llava_llama", "LlavaLlamaForCausalLM.generate"),
     "worker_image_errors": ("llava.mm_utils", "load_image_from_base64"),
     "worker_error_replies": ("llava.model.builder", "load_pretrained_model"),
+    "eval_scripts_on_cpu": ("llava.model.builder", "load_pretrained_model"),
     "serve_examples": ("gradio", "Examples"),
     "datasets_namespace": ("transformers.trainer", "is_datasets_available"),
     "warmup_ratio": ("llava.train.train", "TrainingArguments"),

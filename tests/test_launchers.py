@@ -360,6 +360,35 @@ def test_eval_takes_a_full_checkpoint_without_base_and_refuses_a_missing_local_o
     assert proc.returncode == 2 and f"MODEL_PATH={tmp_path / 'no-such-llava-lora'} does not exist" in proc.stderr
 
 
+def test_eval_runs_llavas_own_benchmarks_through_upstreams_scripts(tmp_path):
+    """BENCHES=pope textvqa sqa: upstream's generation script, then its scorer, on the files
+    LLaVA's scripts/v1_5/eval/*.sh read under DATA_ROOT."""
+    data = tmp_path / "eval"
+    for path in ("pope/llava_pope_test.jsonl", "textvqa/llava_textvqa_val_v051_ocr.jsonl",
+                 "scienceqa/llava_test_CQM-A.json"):
+        (data / path).parent.mkdir(parents=True, exist_ok=True)
+        (data / path).write_text("")
+    ckpt = tmp_path / "feallm-llava-7b-lora"
+    ckpt.mkdir()
+    env = {"BENCHES": "pope textvqa sqa", "DATA_ROOT": str(data), "MODEL_PATH": str(ckpt), "GPU_LIST": "0",
+           "OUT": str(tmp_path / "out")}
+    cmds = printed_commands(run_script("eval.sh", **env))
+    assert [c[c.index("-m") + 1] for c in cmds] == ["llava.eval.model_vqa_loader", "llava.eval.eval_pope",
+                                                     "llava.eval.model_vqa_loader", "llava.eval.eval_textvqa",
+                                                     "llava.eval.model_vqa_science", "llava.eval.eval_science_qa"]
+    pope = cmds[0]
+    assert pope[:2] == ["env", "CUDA_VISIBLE_DEVICES=0"]
+    assert flag(pope, "--question-file") == str(data / "pope" / "llava_pope_test.jsonl")
+    assert flag(pope, "--image-folder") == str(data / "pope" / "val2014")
+    assert (flag(pope, "--model-path"), flag(pope, "--model-base")) == (str(ckpt), "lmsys/vicuna-7b-v1.5")
+    assert (flag(pope, "--temperature"), flag(pope, "--conv-mode")) == ("0", "vicuna_v1")
+    assert flag(cmds[1], "--result-file") == flag(pope, "--answers-file") == str(tmp_path / "out" / "pope" / "answers.jsonl")
+    assert "--single-pred-prompt" in cmds[4]
+    refused = run_script("eval.sh", dry=False, BENCHES="pope", DATA_ROOT=str(data), OPENAI_MODEL="gpt-4o",
+                         OUT=str(tmp_path / "o"))
+    assert refused.returncode == 2 and "not OPENAI_MODEL" in refused.stderr
+
+
 def _happy(req) -> str:
     return "Happiness. The cheeks are raised (AU6) and the lip corners pulled (AU12)."
 

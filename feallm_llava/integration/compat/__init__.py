@@ -11,6 +11,7 @@ so importing this package costs nothing. One module per concern:
     loading    llava.model.*: forward() keywords of newer generate(), quantized loading
     serving    the worker's errors with their cause (in its log and its replies), the
                chat page's example images
+    scripts    upstream's eval scripts on a machine without CUDA
 
 `python -m feallm_llava.integration.compat` prints the table and whether each is active.
 """
@@ -21,7 +22,7 @@ import functools
 from types import ModuleType
 
 from feallm_llava import autoload
-from feallm_llava.integration.compat import loading, serving, training
+from feallm_llava.integration.compat import loading, scripts, serving, training
 from feallm_llava.integration.compat.shim import Shim
 
 # Every shim, in the order they are armed; each module's shims are defined there, with
@@ -42,6 +43,7 @@ SHIMS: tuple[Shim, ...] = (
     serving.worker_image_errors,
     serving.worker_error_replies,
     serving.serve_examples,
+    scripts.eval_scripts_on_cpu,
 )
 
 

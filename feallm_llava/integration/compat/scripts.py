@@ -1,0 +1,76 @@
+"""Shims for upstream's own evaluation scripts (`python -m llava.eval.model_vqa ...`).
+
+The scripts are written for a CUDA machine: they load with the builder's default
+`device="cuda"` and move every tensor with `.cuda()` / `.to(device="cuda")` / `.half()`.
+On a GPU nothing here acts; on a machine without CUDA the scripts run on the CPU, in
+float32, so that CI (and a laptop) can run them as written.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from feallm_llava.integration.compat.shim import shim
+from feallm_llava.integration.marks import wrap
+
+SCRIPTS = "llava.eval."  # upstream's evaluation scripts, each run as __main__
+
+
+def running_an_eval_script() -> bool:
+    """This process is `python -m llava.eval.<script>`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", "").startswith(SCRIPTS)
+
+
+def _cuda_missing() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _keep_on_cpu() -> None:
+    """`.cuda()`, `.to("cuda")` and `.half()` of the scripts keep tensors on the CPU, in float32."""
+    import torch
+
+    def to(original):
+        def to_(self, *args, **kwargs):
+            return original(self, *(_cpu(a) for a in args), **{k: _cpu(v) for k, v in kwargs.items()})
+        return to_
+
+    def identity(_original):
+        return lambda self, *args, **kwargs: self
+
+    wrap(torch.Tensor, "to", "eval_scripts_on_cpu", to)
+    wrap(torch.Tensor, "cuda", "eval_scripts_on_cpu", identity)
+    wrap(torch.Tensor, "half", "eval_scripts_on_cpu", identity)  # float32 stays float32
+
+
+def _cpu(value):
+    """A CUDA device -> the CPU, float16 -> float32; anything else as it is."""
+    import torch
+
+    if isinstance(value, torch.device) and value.type == "cuda" or isinstance(value, str) and value.startswith("cuda"):
+        return "cpu"
+    return torch.float32 if value is torch.float16 else value
+
+
+@shim("llava.model.builder", replaces="load_pretrained_model", versions="machines without CUDA")
+def eval_scripts_on_cpu(original):
+    """Without it: python -m llava.eval.model_vqa (and model_vqa_loader, _science,
+    _mmbench) on a machine without CUDA: the model is loaded for "cuda" and every input
+    is moved with .cuda(): AssertionError "Torch not compiled with CUDA enabled".
+
+    Acts only in a process running one of upstream's eval scripts on a machine without
+    CUDA: the builder loads onto the CPU, the model runs in float32 (float16 on a CPU is
+    slow and buys nothing), and the scripts' `.cuda()`, `.to(device="cuda")` and `.half()`
+    keep tensors on the CPU in float32. Anywhere else, and on any GPU, the scripts run
+    exactly as upstream wrote them.
+    """
+    def load_pretrained_model(model_path, model_base, model_name, *args, **kwargs):
+        if not (running_an_eval_script() and _cuda_missing()):
+            return original(model_path, model_base, model_name, *args, **kwargs)
+        kwargs.update(device="cpu", device_map="cpu")
+        tokenizer, model, processor, context = original(model_path, model_base, model_name, *args, **kwargs)
+        _keep_on_cpu()
+        return tokenizer, model.float(), processor, context
+    return load_pretrained_model
