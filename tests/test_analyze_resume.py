@@ -124,3 +124,17 @@ def test_existing_output_is_not_overwritten_without_being_asked(faces, server, t
                              env={**os.environ, "OPENAI_API_KEY": "test"})
     assert refused.returncode == 2 and out.read_text() == "input,error\nsomething.jpg,\n"
     assert "--resume" in refused.stderr and "--overwrite" in refused.stderr
+
+
+def test_a_note_reaches_the_metadata_the_annotated_image_and_stderr(faces, server, tmp_path):
+    out = tmp_path / "results.csv"
+    one = faces / "face_00.png"
+    proc = subprocess.run(command(one, out, server, "--note", "OUT OF DOMAIN: cartoon-trained toy model",
+                                  "--annotate", str(tmp_path / "boxes.png")),
+                          capture_output=True, text=True, env={**os.environ, "OPENAI_API_KEY": "test"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("NOTE: OUT OF DOMAIN") == 2  # before and after the rows
+    meta = json.loads((tmp_path / "results.csv.meta.json").read_text())
+    assert meta["note"].startswith("OUT OF DOMAIN") and meta["model"]["openai_model"] == "feallm"
+    annotated = Image.open(tmp_path / "boxes.png")
+    assert annotated.height > Image.open(one).height  # the caption band under the image

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from feallm_llava.cli import main as cli
-from feallm_llava.inference.llava_runner import LlavaBackend, default_conv_mode
+from feallm_llava.inference.llava_runner import LlavaBackend
+from feallm_llava.integration.conv_template import name_rule as default_conv_mode
 from feallm_llava.eval.items import EvalItem
 
 QUESTIONS = [

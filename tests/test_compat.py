@@ -52,6 +52,9 @@ COVERED_ELSEWHERE = {
     "worker_error_replies": ("tests/test_serve_load.py", "test_each_faulty_kind_is_refused_with_its_cause"),
     # acts only under `python -m llava.eval.<script>` on a machine without CUDA
     "eval_scripts_on_cpu": ("tests/test_eval_scripts.py", "test_model_vqa_loader_answers_as_our_runner_does"),
+    "worker_conv_template": ("tests/test_conv_template.py", "test_model_worker_answers_in_the_trained_template"),
+    # acts only in `python -m llava.serve.cli` / `llava.eval.*` (argparse of that process)
+    "scripts_conv_template": ("tests/test_conv_template.py", "test_upstream_cli_prompts_in_the_trained_template"),
 }
 
 # The attribute each shim replaces: (module, dotted attribute), for the no-op check.
@@ -68,6 +71,8 @@ TARGETS = {
     "worker_image_errors": ("llava.mm_utils", "load_image_from_base64"),
     "worker_error_replies": ("llava.model.builder", "load_pretrained_model"),
     "eval_scripts_on_cpu": ("llava.model.builder", "load_pretrained_model"),
+    "worker_conv_template": ("llava.model.builder", "load_pretrained_model"),
+    "scripts_conv_template": ("argparse", "ArgumentParser.parse_args"),
     "serve_examples": ("gradio", "Examples"),
     "datasets_namespace": ("transformers.trainer", "is_datasets_available"),
     "warmup_ratio": ("llava.train.train", "TrainingArguments"),

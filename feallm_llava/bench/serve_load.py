@@ -91,12 +91,10 @@ def face_png() -> bytes:
 
 def prompt(question: str, model_name: str = "llava-v1") -> str:
     """Upstream's conversation template for `model_name` (llava_v1 for a "v1" name), one image."""
-    from feallm_llava.inference.llava_runner import (
-        default_conv_mode,
-        render_conversation,
-    )
+    from feallm_llava.inference.llava_runner import render_conversation
+    from feallm_llava.integration.conv_template import name_rule
 
-    return render_conversation([("<image>\n" + question, None)], default_conv_mode(model_name))
+    return render_conversation([("<image>\n" + question, None)], name_rule(model_name))
 
 
 def plan(n: int, faulty_share: float, kinds: tuple[str, ...] = FAULTS) -> list[str]:

@@ -16,7 +16,8 @@ components:
   6. stage2      the same script with LoRA on the FEA instruction set
   7. eval        `feallm eval --bench feabench` on held-out subjects
   8. score       `feallm score`: table, confusion matrix, per-AU F1 plot
-  9. analyze     `feallm analyze` on a held-out face and on a real photo (astronaut)
+  9. analyze     `feallm analyze` on a held-out face, and on a real photo (astronaut),
+                 labelled out of domain: the toy model knows cartoon faces only
 
 Every stage leaves a marker; an interrupted run continues with `--resume` from the last
 finished stage. Every number printed is a result of this run on synthetic data, never
@@ -36,6 +37,9 @@ from feallm_llava.errors import FeallmError, UsageError
 from feallm_llava.recipe import TinyRecipe
 
 BANNER = "SYNTHETIC-DATA RESULT OF THIS RUN (tiny model, toy scale; not a paper figure)"
+# The real photo only shows the pipeline working on one: the toy model saw cartoon faces only.
+OUT_OF_DOMAIN = ("OUT OF DOMAIN: this tiny demo model was trained on synthetic cartoon faces only; its "
+                 "expression and AUs for a real photo are not a reading of that face")
 # Cores the demo uses: training threads and the processes drawing the synthetic faces.
 _CORES = min(2, os.cpu_count() or 1)
 STAGES = ("synthetic", "dataset", "kit", "warmup", "stage1", "readout", "stage2", "eval", "score", "analyze")
@@ -125,7 +129,7 @@ def _readout(run: Run, projector: str) -> None:
     items = [EvalItem(id=t["id"], image=str(images / t["image"]), task="fer", question="",
                       bench="synthetic-captions", gt_expression=t["expression"]) for t in truth]
     backend = LlavaBackend(str(_checkpoint(run, projector, 1)), str(run.out / "llm"),
-                           conv_mode="plain", device="cpu", max_new_tokens=48)
+                           device="cpu", max_new_tokens=48)  # the checkpoint records `plain`
     captions = {item.id: text for item, text in backend.answer(items, batch_size=16)}
     rows = []
     for t in truth:
@@ -147,7 +151,7 @@ def _eval(run: Run, projector: str) -> None:
     out = run.out / "eval" / projector
     _cli("eval", "--bench", "feabench", "--data", run.out / "fea" / "eval.json",
          "--model-path", _checkpoint(run, projector), "--model-base", run.out / "llm",
-         "--conv-mode", "llava_v1", "--device", "cpu", "--batch-size", "16",
+         "--device", "cpu", "--batch-size", "16",
          "--max-new-tokens", run.cfg.eval_max_new_tokens, "--seed", run.cfg.seed, "--out", out)
 
 
@@ -168,7 +172,7 @@ def _analyze(run: Run) -> None:
     eval_items = json.loads((run.out / "fea" / "eval.json").read_text())
     face = run.out / "affwild2" / "cropped_aligned" / eval_items[0]["image"]
     common = ["--model-path", _checkpoint(run, "feallm"), "--model-base", run.out / "llm",
-              "--conv-mode", "llava_v1", "--device", "cpu", "--max-new-tokens", run.cfg.eval_max_new_tokens,
+              "--device", "cpu", "--max-new-tokens", run.cfg.eval_max_new_tokens,
               "--no-progress", "--resume"]
     _cli("analyze", face, "--no-detect", "--out", run.out / "analyze" / "held_out_face.csv", *common)
     try:
@@ -180,8 +184,9 @@ def _analyze(run: Run) -> None:
 
     photo = run.out / "analyze" / "astronaut.png"
     Image.fromarray(skdata.astronaut()).save(photo)
+    print(f"   {OUT_OF_DOMAIN}")
     _cli("analyze", photo, "--out", run.out / "analyze" / "astronaut.csv",
-         "--annotate", run.out / "analyze" / "astronaut_annotated.png", *common)
+         "--annotate", run.out / "analyze" / "astronaut_annotated.png", "--note", OUT_OF_DOMAIN, *common)
 
 
 def _summary(run: Run) -> None:
@@ -196,7 +201,7 @@ def _summary(run: Run) -> None:
         if (report / name).exists():
             print(f"  {report / name}")
     for csv in sorted((run.out / "analyze").glob("*")):
-        print(f"  {csv}")
+        print(f"  {csv}" + ("   <- OUT OF DOMAIN for this toy model" if "astronaut" in csv.name else ""))
     print("\nstage times:")
     for name, seconds, cached in run.times:
         print(f"  {seconds:7.1f} s  {name}{'  (earlier run)' if cached else ''}")

@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model: a LLaVA checkpoint")
     g.add_argument("--model-path", default=None, help="checkpoint directory (its name must contain 'llava')")
     g.add_argument("--model-base", default=None, help="base LLM of a LoRA or projector-only checkpoint")
-    g.add_argument("--conv-mode", default=None, help="default: inferred from the model name, as upstream does")
+    g.add_argument("--conv-mode", default=None, help="conversation template (default: the one the checkpoint "
+                                                    "was trained with, else upstream's folder-name rule)")
     g.add_argument("--batch-size", type=int, default=8, help="items per generate call")
     g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],

@@ -6,8 +6,9 @@ and a plain LLaVA-1.5 one run the same way; the `feallm` projector and the compa
 shims are registered first. This module calls llava's public loader, conversation
 templates and image helpers only.
 
-Prompts follow upstream's eval scripts: the conversation template `conv_mode`
-(inferred from the model name as upstream does when not given), `<image>\\n` before the
+Prompts follow upstream's eval scripts: the conversation template `conv_mode` (when not
+given: the one the checkpoint records it was trained with, else inferred from the model
+name as upstream does; `integration.conv_template`), `<image>\\n` before the
 question, `tokenizer_image_token` for the ids, `process_images` for the pixels.
 
 Batching with left padding: upstream `prepare_inputs_labels_for_multimodal` drops the
@@ -28,22 +29,6 @@ import torch
 from feallm_llava.inference import Query
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def default_conv_mode(model_name: str) -> str:
-    """The conversation template upstream's eval/CLI scripts infer from a model name."""
-    name = model_name.lower()
-    if "llama-2" in name:
-        return "llava_llama_2"
-    if "mistral" in name:
-        return "mistral_instruct"
-    if "v1.6-34b" in name:
-        return "chatml_direct"
-    if "v1" in name:
-        return "llava_v1"
-    if "mpt" in name:
-        return "mpt"
-    return "llava_v0"
 
 
 def model_name_from_path(model_path: str) -> str:
@@ -80,12 +65,14 @@ class LlavaBackend:
         from llava.conversation import conv_templates
         from llava.model.builder import load_pretrained_model
 
+        from feallm_llava.integration.conv_template import choose
+
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model_name = model_name_from_path(model_path)
         if "llava" not in self.model_name.lower():
             raise ValueError(f"{model_path}: upstream load_pretrained_model loads a LLaVA model only when "
                              f"'llava' is in the directory name (got {self.model_name!r}); rename the directory")
-        self.conv_mode = conv_mode or default_conv_mode(self.model_name)
+        self.conv_mode = choose(model_path, self.model_name, conv_mode)
         if self.conv_mode not in conv_templates:
             raise ValueError(f"unknown --conv-mode {self.conv_mode!r}; llava knows {', '.join(conv_templates)}")
         self.tokenizer, self.model, self.image_processor, self.context_len = load_pretrained_model(

@@ -349,14 +349,15 @@ def analyze(inputs: Iterable[str | os.PathLike | Image.Image] | str | os.PathLik
     return to_frame(list(analyzer.iter_rows(sources, progress=progress, on_image=on_image)))
 
 
-def annotating(target: str | os.PathLike, sources: Sequence[Source]):
-    """The `on_image` callback that saves each image's annotated PNG (`annotation_paths`)."""
+def annotating(target: str | os.PathLike, sources: Sequence[Source], caption: str | None = None):
+    """The `on_image` callback that saves each image's annotated PNG (`annotation_paths`),
+    with `caption` under each image."""
     from feallm_llava.serve.annotate_png import annotate_image
 
     targets = annotation_paths(target, sources)
 
     def on_image(source, img, rows):
-        annotate_image(img, rows).save(targets[source.label], format="PNG")
+        annotate_image(img, rows, caption).save(targets[source.label], format="PNG")
     return on_image
 
 
@@ -449,7 +450,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     model.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                        help="default: float32 on CPU, float16 on GPU")
-    model.add_argument("--conv-mode", default=None, help="conversation template (default: from the model name)")
+    model.add_argument("--conv-mode", default=None, help="conversation template (default: the one the checkpoint "
+                                                        "was trained with, else upstream's folder-name rule)")
     model.add_argument("--openai-model", default=None, help="model name on the server (instead of --model-path)")
     model.add_argument("--base-url", default=None, help="the server, e.g. http://127.0.0.1:8000/v1 "
                                                         "(key from OPENAI_API_KEY)")
@@ -462,6 +464,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     out.add_argument("--annotate", default=None, metavar="OUT.png",
                      help="write boxes + labels: a PNG for one image, else a directory of PNGs")
+    out.add_argument("--note", default=None,
+                     help="a note on these results (e.g. that the model was not trained for such images): "
+                          "printed, written under each annotated image and into OUT.meta.json")
     parser.add_argument("--no-detect", action="store_true",
                         help="treat each image as an aligned face crop (the paper's setting)")
     parser.add_argument("--require-face", action="store_true", help="an image without a face is an error row")
@@ -492,7 +497,18 @@ def main(args: argparse.Namespace) -> int:
     questions = {t: getattr(args, f"{t}_question") for t in TASKS if getattr(args, f"{t}_question")}
     analyzer = Analyzer(backend, detect=not args.no_detect, require_face=args.require_face,
                         batch_size=args.batch_size, margin=args.margin, questions=questions)
-    on_image = annotating(args.annotate, sources) if args.annotate else None
+    on_image = annotating(args.annotate, sources, args.note) if args.annotate else None
+    if results is not None:
+        from feallm_llava import __version__
+
+        results.metadata = {
+            "feallm_llava": __version__, "inputs": list(args.inputs), "note": args.note,
+            "model": {"model_path": args.model_path, "model_base": args.model_base,
+                      "conv_template": getattr(backend, "conv_mode", None),
+                      "openai_model": args.openai_model, "base_url": args.base_url},
+            "questions": analyzer.questions, "detect": not args.no_detect}
+    if args.note:
+        print(f"NOTE: {args.note}", file=sys.stderr)
     tally = _Tally()
     stdout = None if results is not None else csv.DictWriter(sys.stdout, fieldnames=list(COLUMNS))
     if stdout is not None:
@@ -511,4 +527,6 @@ def main(args: argparse.Namespace) -> int:
             results.close()
             print(f"wrote {results.path}", file=sys.stderr)
     print(tally, file=sys.stderr)
+    if args.note:
+        print(f"NOTE: {args.note}", file=sys.stderr)
     return EXIT_ITEMS_FAILED if tally.errors else 0

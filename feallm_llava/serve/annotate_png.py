@@ -2,7 +2,9 @@
 the expression and the active AUs (`feallm analyze --annotate out.png`).
 
 Line width and font size scale with the image so labels stay legible on 100 px crops and
-on 4000 px photos. Rows without a face (face_id empty) are written as a banner at the top.
+on 4000 px photos. Rows without a face (face_id empty) are written as a banner at the top;
+a `caption` (e.g. a warning that the model was not trained for such images) goes on a
+band added under the image.
 """
 
 from __future__ import annotations
@@ -44,13 +46,16 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def annotate_image(img: Image.Image, rows: list[dict]) -> Image.Image:
-    """A copy of `img` (RGB) with every face row's box and label drawn on it."""
+def annotate_image(img: Image.Image, rows: list[dict], caption: str | None = None) -> Image.Image:
+    """A copy of `img` (RGB) with every face row's box and label drawn on it, and `caption`
+    on a band below it."""
     out = img.convert("RGB").copy()
-    draw = ImageDraw.Draw(out)
     side = min(out.size)
     width = max(2, side // 200)
     font = _font(max(12, side // 30))
+    if caption:
+        out = _with_caption(out, caption, _font(max(10, side // 40)))
+    draw = ImageDraw.Draw(out)
     for row in rows:
         if _value(row.get("face_id")) is None:
             text = row.get("error") or "no face found"
@@ -74,3 +79,25 @@ def _label(draw: ImageDraw.ImageDraw, at: tuple[int, int], text: str, font, colo
     x = max(0, min(x, draw.im.size[0] - tw - 2 * pad))
     draw.rectangle((x, y0, x + tw + 2 * pad, y0 + th + 2 * pad), fill=colour)
     draw.text((x + pad - left, y0 + pad - top), text, fill=(0, 0, 0), font=font)
+
+
+def _with_caption(img: Image.Image, caption: str, font) -> Image.Image:
+    """`img` over a white band holding `caption`, wrapped to the image's width."""
+    measure = ImageDraw.Draw(img)
+    lines, line = [], ""
+    for word in caption.split():
+        trial = f"{line} {word}".strip()
+        if line and measure.textlength(trial, font=font) > img.width - 8:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    lines.append(line)
+    height = sum(measure.textbbox((0, 0), text, font=font)[3] for text in lines) + 4 * (len(lines) + 1)
+    out = Image.new("RGB", (img.width, img.height + height), (255, 255, 255))
+    out.paste(img, (0, 0))
+    draw, y = ImageDraw.Draw(out), img.height + 4
+    for text in lines:
+        draw.text((4, y), text, fill=(160, 0, 0), font=font)
+        y += draw.textbbox((0, 0), text, font=font)[3] + 4
+    return out

@@ -8,7 +8,9 @@
   interrupted.
 
 `--resume` reads what a file already holds and the run skips those inputs; without it,
-an existing non-empty file is refused (`--overwrite` starts it again).
+an existing non-empty file is refused (`--overwrite` starts it again). What the rows came
+from (model, template, questions, a note such as an out-of-domain warning) goes to
+`<file>.meta.json` beside it, written when the file is closed.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class ResultsFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = self._read() if exists else []  # for .json: everything to write
         self.done = {row["input"] for row in self.rows}
+        self.metadata: dict = {}  # written to <file>.meta.json on close
         self._appender = None
         if self.suffix == ".jsonl":
             self._appender = JsonlAppender(self.path)
@@ -97,19 +100,30 @@ class ResultsFile:
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
         self._appender.write(buf.getvalue())  # one write: whole rows
 
+    @property
+    def metadata_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".meta.json")
+
     def close(self) -> None:
         if self._appender is not None:
             self._appender.close()
             self._appender = None
         if self.suffix == ".json":
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.rows, f, ensure_ascii=False, indent=1)
-                f.write("\n")
-            os.replace(tmp, self.path)
+            _write_json(self.path, self.rows)
+        if self.metadata:
+            _write_json(self.metadata_path, self.metadata)
 
     def __enter__(self) -> ResultsFile:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _write_json(path: Path, value) -> None:
+    """Atomically: the old file or the new one, never a torn one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(value, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -10,8 +10,9 @@ so importing this package costs nothing. One module per concern:
                flash-attn or DeepSpeed, seeded
     loading    llava.model.*: forward() keywords of newer generate(), quantized loading
     serving    the worker's errors with their cause (in its log and its replies), the
-               chat page's example images
-    scripts    upstream's eval scripts on a machine without CUDA
+               chat page's example images, prompts in the checkpoint's trained template
+    scripts    upstream's eval scripts on a machine without CUDA; they and the chat CLI
+               prompt in the template a checkpoint records it was trained with
 
 `python -m feallm_llava.integration.compat` prints the table and whether each is active.
 """
@@ -43,7 +44,9 @@ SHIMS: tuple[Shim, ...] = (
     serving.worker_image_errors,
     serving.worker_error_replies,
     serving.serve_examples,
+    serving.worker_conv_template,
     scripts.eval_scripts_on_cpu,
+    scripts.scripts_conv_template,
 )
 
 

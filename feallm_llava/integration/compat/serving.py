@@ -208,6 +208,48 @@ def worker_error_replies(original):
     return load_pretrained_model
 
 
+@shim("llava.model.builder", replaces="load_pretrained_model", versions="all")
+def worker_conv_template(original):
+    """Without it: model_worker: a client (upstream's chat page) templates the prompt by
+    the model's folder name, so a checkpoint trained with `--version v1` in a folder
+    without "v1" in its name is prompted with llava_v0 and answers wrongly, without error.
+
+    ModelWorker.generate_stream: a prompt in another chat template is rendered again in
+    the template the checkpoint records it was trained with (`conv_template.retemplate`),
+    with that template's stop text; the streamed text still opens with the client's own
+    prompt, which clients cut off. A checkpoint without the record is served as upstream
+    serves it. Mended where `ModelWorker.__init__` calls the loader, as `worker_error_replies`.
+    """
+    def load_pretrained_model(*args, **kwargs):
+        for module in worker_modules():
+            wrap(module.ModelWorker, "generate_stream", "worker_conv_template", _in_trained_template)
+        return original(*args, **kwargs)
+    return load_pretrained_model
+
+
+def _in_trained_template(original):
+    """ModelWorker.generate_stream that prompts in the checkpoint's recorded template."""
+    import json
+
+    from feallm_llava.integration.conv_template import CONFIG_KEY, retemplate, stop_text
+
+    def generate_stream(self, params):
+        target = getattr(self.model.config, CONFIG_KEY, None)
+        prompt = params.get("prompt") if isinstance(params, dict) else None
+        found = retemplate(prompt, target) if target and isinstance(prompt, str) else None
+        if found is None:
+            yield from original(self, params)
+            return
+        new, source = found
+        log.info("prompt in %s rendered again in %s, the template this checkpoint was trained with", source, target)
+        for chunk in original(self, {**params, "prompt": new, "stop": stop_text(target)}):
+            data = json.loads(chunk.rstrip(b"\0"))
+            if isinstance(data.get("text"), str) and data["text"].startswith(new):
+                data["text"] = prompt + data["text"][len(new):]  # the client cuts off its own prompt
+            yield json.dumps(data).encode() + b"\0"
+    return generate_stream
+
+
 SERVE_EXAMPLES = ("extreme_ironing.jpg", "waterview.jpg")  # what upstream's gradio_web_server names
 
 

@@ -9,8 +9,9 @@ untouched (`Unknown projector type: feallm`), so both places are wrapped. When
 
 `initialize_vision_modules` (the train path) also copies the `mm_feallm_*` fields of the
 train arguments onto the model config, so `from_pretrained` rebuilds exactly the trained
-module; starting from a LLaVA checkpoint, its tower and mlp2x projector make way for
-FEALLM's, the old MLP being the warm start.
+module, and records the conversation template of `--version` (`conv_template.py`) for
+every projector type; starting from a LLaVA checkpoint, its tower and mlp2x projector
+make way for FEALLM's, the old MLP being the warm start.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 from types import ModuleType
 
+from feallm_llava.integration.conv_template import CONFIG_KEY, trained_template
 from feallm_llava.integration.marks import wrap
 from feallm_llava.integration.paths import check_model_path
 from feallm_llava.model.config import FeallmConfig
@@ -60,6 +62,8 @@ def _projector_builder(original):
 
 def _initialize(original):
     def initialize_vision_modules(self, model_args, fsdp=None):
+        # every checkpoint says how it must be prompted (the template its data were formatted with)
+        setattr(self.config, CONFIG_KEY, trained_template(getattr(model_args, "version", "v0")))
         if not is_feallm(model_args):
             return original(self, model_args, fsdp=fsdp)
         # Upstream writes only its own mm_* fields; ours must reach config.json too.
