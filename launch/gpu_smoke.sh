@@ -3,8 +3,10 @@
 # two FEALLM stages on the offline tiny kit through the same launch the 7B recipe uses
 # (`deepspeed --num_gpus 1 --module llava.train.train_mem`, launch/zero2.json, bf16,
 # gradient checkpointing, flash-attn when installed else sdpa), then upstream's loader on
-# the LoRA checkpoint with device='cuda' and a generation, then the projector benchmark on
-# the GPU. Prints one PASS/FAIL (or SKIP) line per step; exits 1 when any step fails.
+# the LoRA checkpoint with device='cuda' and a generation, then QLoRA stage 2 (the 24 GB
+# route: `--bits 4`, one plain python process on one GPU, no DeepSpeed) and its checkpoint
+# loaded in 4-bit with a generation, then the projector benchmark on the GPU. Prints one
+# PASS/FAIL (or SKIP) line per step; exits 1 when any step fails.
 #
 #   bash launch/gpu_smoke.sh                  # writes runs/gpu_smoke/
 #   OUT=/tmp/smoke ZERO=3 bash launch/gpu_smoke.sh
@@ -27,6 +29,7 @@ KIT="$OUT/kit"
 DATA="$OUT/data"
 STAGE1="$OUT/llava-tiny-feallm-pretrain"
 STAGE2="$OUT/llava-tiny-feallm-lora"   # "llava" + "lora": upstream's loader merges LoRA
+STAGE2Q="$OUT/llava-tiny-feallm-qlora"  # stage 2 again, with --bits 4
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 cd "$root"
 mkdir -p "$OUT"
@@ -107,10 +110,21 @@ else
   fi
 fi
 # bf16 as the 7B recipe; GPUs without it (pre-Ampere) train in fp16 with loss scaling
-if ((bf16)); then device_args+=(--bf16 True); elif [ "$DEVICE" != cpu ]; then device_args+=(--fp16 True); fi
+precision_args=()
+if ((bf16)); then precision_args=(--bf16 True); elif [ "$DEVICE" != cpu ]; then precision_args=(--fp16 True); fi
+device_args+=("${precision_args[@]}")
+# QLoRA: one plain process on one GPU (bitsandbytes layers under DataParallel would not do)
+if [ "$DEVICE" = cpu ]; then
+  qlora_launch=("$PY" -m llava.train.train_mem)
+  qlora_args=(--bits 4 --use_cpu True)
+else
+  gpu="${CUDA_VISIBLE_DEVICES:-0}"
+  qlora_launch=(env CUDA_VISIBLE_DEVICES="${gpu%%,*}" "$PY" -m llava.train.train_mem)
+  qlora_args=(--bits 4 "${precision_args[@]}")
+fi
 
 # -- tiny kit, stage 1, stage 2 ---------------------------------------------------------
-common=(
+shared=(
   --vision_tower "$KIT/clip" --mm_projector_type feallm
   --mm_feallm_crop_size 32 --mm_feallm_mpp_dim 0
   --mm_vision_select_layer -2 --mm_use_im_start_end False --mm_use_im_patch_token False
@@ -119,8 +133,9 @@ common=(
   --max_steps "$STEPS" --save_strategy steps --save_steps 2 --save_total_limit 1
   --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps 1
   --model_max_length 512 --gradient_checkpointing True --dataloader_num_workers 0
-  --report_to none --seed 0 --data_seed 0 "${device_args[@]}"
+  --report_to none --seed 0 --data_seed 0
 )
+common=("${shared[@]}" "${device_args[@]}")
 step kit "$PY" -m feallm_llava.cli tiny-kit --out "$KIT" --sample-data "$DATA" || true
 
 check_stage1() {
@@ -151,6 +166,23 @@ assert (run / "non_lora_trainables.safetensors").is_file(), "no non_lora_trainab
 print(f"adapter + non_lora_trainables.bin: {len(non_lora)} projector tensors")
 EOF
 }
+check_qlora() {
+  "$PY" - "$STAGE2Q" <<'EOF'
+import json, sys
+from pathlib import Path
+import torch
+run = Path(sys.argv[1])
+assert (run / "adapter_model.safetensors").is_file() or (run / "adapter_model.bin").is_file(), "no LoRA adapter"
+non_lora = torch.load(run / "non_lora_trainables.bin", weights_only=True)
+assert any("mm_projector.lca." in k for k in non_lora) and any("mm_projector.mpp." in k for k in non_lora)
+assert all(".mm_projector." in k for k in non_lora), sorted(k for k in non_lora if ".mm_projector." not in k)[:5]
+dtypes = {str(v.dtype) for v in non_lora.values()}
+assert dtypes == {"torch.float32"}, f"projector saved in {dtypes}, not float32"
+config = json.loads((run / "config.json").read_text())
+assert "quantization_config" not in config, "config.json names a quantization: the loader takes the base for 4-bit"
+print(f"adapter + non_lora_trainables.bin: {len(non_lora)} float32 projector tensors; config names no quantization")
+EOF
+}
 
 if [ -f "$KIT/kit.json" ]; then
   rm -rf "$STAGE1" "$STAGE2"
@@ -167,17 +199,26 @@ if [ -f "$KIT/kit.json" ]; then
          --output_dir "$STAGE2" "${common[@]}"; then
       step stage2-out check_stage2 || true
     fi
+    rm -rf "$STAGE2Q"
+    if step qlora "${qlora_launch[@]}" --model_name_or_path "$KIT/llm" --version v1 \
+         --data_path "$DATA/finetune.json" --pretrain_mm_mlp_adapter "$STAGE1/mm_projector.bin" \
+         --lora_enable True --lora_r 16 --lora_alpha 32 --mm_projector_lr 2e-5 \
+         --learning_rate 2e-4 --output_dir "$STAGE2Q" "${shared[@]}" "${qlora_args[@]}"; then
+      step qlora-out check_qlora || true
+    fi
   else
     result SKIP stage2 "no stage-1 projector"
+    result SKIP qlora "no stage-1 projector"
   fi
 else
   result SKIP stage1 "no tiny kit"
   result SKIP stage2 "no tiny kit"
+  result SKIP qlora "no tiny kit"
 fi
 
 # -- upstream's loader on the LoRA checkpoint, on the device, and a generation ----------
-load_and_generate() {
-  "$PY" - "$STAGE2" "$KIT/llm" "$DEVICE" <<'EOF'
+load_and_generate() {  # load_and_generate RUN [4bit]
+  "$PY" - "$1" "$KIT/llm" "$DEVICE" "${2:-}" <<'EOF'
 import sys
 from pathlib import Path
 import torch
@@ -186,10 +227,14 @@ from llava.conversation import conv_templates
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 
-run, base, device = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+run, base, device, quant = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 # device_map as a plain string: upstream also moves the tower with `.to(device=device_map)`
-tokenizer, model, processor, _ = load_pretrained_model(str(run), base, run.name, device=device, device_map=device)
+tokenizer, model, processor, _ = load_pretrained_model(str(run), base, run.name, device=device, device_map=device,
+                                                       load_4bit=quant == "4bit")
 assert type(model.get_model().mm_projector).__name__ == "FeallmProjector", type(model.get_model().mm_projector)
+if quant == "4bit":
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n.startswith("model.layers.")}
+    assert "Linear4bit" in kinds, f"load_4bit: no Linear4bit in the LLM ({sorted(kinds)})"
 state = model.state_dict()
 saved = torch.load(run / "non_lora_trainables.bin", weights_only=True)
 for key, value in saved.items():
@@ -208,9 +253,14 @@ print(f"device {next(model.parameters()).device}, dtype {model.dtype}, {len(save
 EOF
 }
 if [ -f "$STAGE2/non_lora_trainables.bin" ]; then
-  step load load_and_generate && tail -n 1 "$OUT/load.log" | sed 's/^/     | /' || true
+  step load load_and_generate "$STAGE2" && tail -n 1 "$OUT/load.log" | sed 's/^/     | /' || true
 else
   result SKIP load "no stage-2 checkpoint"
+fi
+if [ -f "$STAGE2Q/non_lora_trainables.bin" ]; then
+  step qlora-load load_and_generate "$STAGE2Q" 4bit && tail -n 1 "$OUT/qlora-load.log" | sed 's/^/     | /' || true
+else
+  result SKIP qlora-load "no QLoRA checkpoint"
 fi
 
 # -- projector benchmark on the device ---------------------------------------------------

@@ -41,6 +41,7 @@ KNOWN_FAILURES = {
     "datasets_namespace": ("AttributeError", "has no attribute 'Dataset'"),
     "warmup_ratio": ("ValueError", "--warmup_ratio"),
     "deepspeed_optional": ("ModuleNotFoundError", "deepspeed"),
+    "qlora_training": ("ValueError", "`quantization_config` argument at the same time"),
 }
 
 # Shims whose failure needs a stack this file does not start; the test named here covers them.
@@ -77,6 +78,7 @@ TARGETS = {
     "datasets_namespace": ("transformers.trainer", "is_datasets_available"),
     "warmup_ratio": ("llava.train.train", "TrainingArguments"),
     "deepspeed_optional": ("llava.train.train", "maybe_zero_3"),
+    "qlora_training": ("llava.train.train", "train"),
 }
 
 SHIMS = {shim.name: shim for shim in compat.SHIMS}
@@ -270,6 +272,7 @@ def run_probes(kit_root: str, checkpoint: str, workdir: str, train: bool = False
         return {}
 
     probe("flash_attn_fallback", train_mem_until_data)
+    probe("qlora_training", lambda: qlora_probe(kit_root, workdir))
 
     from llava.model.builder import load_pretrained_model
 
@@ -307,6 +310,69 @@ def run_probes(kit_root: str, checkpoint: str, workdir: str, train: bool = False
 
         probe("train_mem", full_finetune)
     return results
+
+
+def qlora_probe(kit_root: str, workdir: str) -> dict:
+    """Upstream's train() with `--bits 4 --bf16 True --lora_enable True` on the tiny kit, then
+    its loader on the LoRA checkpoint it saved; what was quantized, kept and saved.
+
+    The Trainer is a stand-in that records the model it is handed and trains nothing
+    (tests/test_qlora.py trains); everything else is upstream's: the quantized load,
+    `prepare_model_for_kbit_training`, LoRA, the projector and its casts, the save of the
+    adapter, `non_lora_trainables.bin` and `config.json`. Also run by tests/test_patches.py.
+    """
+    import llava.train.train as train_module
+    import torch
+    from llava.model.builder import load_pretrained_model
+
+    kit, out = Path(kit_root), Path(workdir) / "llava-qlora-probe-lora"
+    seen: dict[str, list[str]] = {}
+
+    def part(name: str) -> str | None:
+        return ("projector" if ".mm_projector." in name else "tower" if ".vision_tower." in name
+                else "lm_head" if name.endswith("lm_head") else "llm" if ".layers." in name else None)
+
+    class StandIn:
+        def __init__(self, model=None, **_kwargs):
+            kinds: dict[str, set] = {}
+            for name, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear) and ".lora_" not in name and part(name):
+                    kinds.setdefault(part(name), set()).add(f"{type(module).__name__}:{module.weight.dtype}")
+            seen.update({key: sorted(value) for key, value in kinds.items()})
+
+        def train(self, resume_from_checkpoint=None):
+            pass
+
+        def save_state(self):
+            pass
+
+    argv = ["llava.train.train", "--model_name_or_path", str(kit / "llm"), "--version", "v1",
+            "--vision_tower", str(kit / "clip"), "--mm_projector_type", "mlp2x_gelu",
+            "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
+            "--bits", "4", "--bf16", "True", "--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8",
+            "--mm_projector_lr", "2e-5", "--data_path", str(Path(workdir) / MISSING_DATA),
+            "--output_dir", str(out), "--use_cpu", "True", "--report_to", "none", "--seed", "0"]
+    saved = (train_module.LLaVATrainer, train_module.make_supervised_data_module, sys.argv)
+    environ = dict(os.environ)  # --bf16 leaves ACCELERATE_MIXED_PRECISION=bf16 for later runs
+    train_module.LLaVATrainer = StandIn  # train() looks both up when it gets there
+    train_module.make_supervised_data_module = lambda tokenizer, data_args: {}
+    sys.argv = argv
+    try:
+        train_module.train(attn_implementation="sdpa")
+    finally:
+        train_module.LLaVATrainer, train_module.make_supervised_data_module, sys.argv = saved
+        os.environ.clear()
+        os.environ.update(environ)
+    config = json.loads((out / "config.json").read_text())
+    non_lora = torch.load(out / "non_lora_trainables.bin", weights_only=True)
+    tokenizer, model, _, _ = load_pretrained_model(str(out), str(kit / "llm"), out.name, device="cpu",
+                                                   device_map="cpu")
+    ids = torch.tensor([tokenizer("USER: Please describe the expression in this face. ASSISTANT:").input_ids])
+    generated = model.generate(ids, max_new_tokens=2, do_sample=False)
+    return {"linear": seen, "config_quantization": "quantization_config" in config,
+            "non_lora": sorted({f"{'mm_projector' if '.mm_projector.' in k else k}:{v.dtype}"
+                                for k, v in non_lora.items()}),
+            "generated": generated.tolist()}
 
 
 def attribute(module_name: str, dotted: str):
@@ -436,6 +502,9 @@ def test_shim_mends_the_failure(name, shimmed):
     if name == "quantized_loading" and not outcome["ok"] and "bitsandbytes" in (
             outcome["message"] + outcome["where"]).lower():
         pytest.skip(f"bitsandbytes cannot quantize on this machine: {outcome['message'][:300]}")
+    if name == "qlora_training" and not outcome["ok"] and "bitsandbytes" in (
+            outcome["message"] + outcome["where"]).lower():
+        pytest.skip(f"bitsandbytes cannot quantize on this machine: {outcome['message'][:300]}")
     if name == "flash_attn_fallback":
         if not needed(name):
             pytest.skip("flash-attn and CUDA are present: train_mem really trains with flash-attention 2")
@@ -468,6 +537,21 @@ def test_shim_mends_the_failure(name, shimmed):
         assert kinds["model.layers.0.self_attn.q_proj"] == "Linear4bit"
         assert kinds["model.mm_projector.0"] == kinds["model.mm_projector.2"] == kinds["lm_head"] == "Linear"
         assert len(outcome["generated"][0]) == 2
+    elif name == "qlora_training":
+        assert_qlora_mended(outcome)
+
+
+def assert_qlora_mended(outcome: dict) -> None:
+    """`--bits 4 --bf16`: the LLM in 4-bit; projector (float32), tower and lm_head unquantized;
+    a checkpoint whose config names no quantization, with a float32 projector, that loads."""
+    assert outcome["ok"], outcome
+    linear = outcome["linear"]
+    assert linear["llm"] == ["Linear4bit:torch.uint8"], linear
+    assert linear["projector"] == ["Linear:torch.float32"], linear  # upstream: cast to bf16
+    assert all(kind.startswith("Linear:torch.") for kind in linear["tower"] + linear["lm_head"]), linear
+    assert not outcome["config_quantization"]
+    assert outcome["non_lora"] == ["mm_projector:torch.float32"], outcome["non_lora"]
+    assert len(outcome["generated"][0]) == 2
 
 
 def loss_normalisation_agrees(outcomes: dict) -> bool:

@@ -9,6 +9,7 @@ tests/test_compat.py, plus a real two-step `python -m llava.train.train_mem` run
 Patches 0008-0011 mend failures that this stack does not show by itself (transformers
 5.x, a machine without deepspeed, two launches of one run): `simulate` provokes each of
 them here, in copies patched with the whole series and with all patches but that one.
+0012 (`--bits 4`, QLoRA) is proven the same way: its failure shows here as it is.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from pathlib import Path
 import pytest
 
 from tests.test_compat import (
+    assert_qlora_mended,
     build_probe_checkpoint,
     loss_normalisation_agrees,
     probe_in_fresh_python,
+    qlora_probe,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,14 +206,14 @@ def test_patched_maybe_zero_3_copies_a_parameter(probes):
     assert probes["deepspeed_optional"] == {"ok": True, "copies": [[1.0, 1.0], [1.0, 1.0]]}
 
 
-# -- patches 0008-0011: each one is what mends its failure -----------------------------
+# -- patches 0008-0012: each one is what mends its failure -----------------------------
 
 MENDS = {"0008": "datasets_namespace", "0009": "warmup_ratio", "0010": "deepspeed_optional",
-         "0011": "seed_model_init"}  # patch number: the runtime shim it replaces
+         "0011": "seed_model_init", "0012": "qlora_training"}  # patch number: the runtime shim it replaces
 
 
 def simulate(kit_root: str, workdir: str) -> dict[str, dict]:
-    """Provoke the failures of patches 0008-0011 on this stack; {name: outcome}.
+    """Provoke the failures of patches 0008-0012 on this stack; {name: outcome}.
 
     Runs in a fresh Python (see `simulate_in_fresh_python`), in this order because the
     first sets up transformers before llava is imported and the last removes deepspeed:
@@ -223,6 +226,8 @@ def simulate(kit_root: str, workdir: str) -> dict[str, dict]:
     - `seed_model_init`: upstream's train() run up to the Trainer three times in one
       process, the global RNG left in another state before each, with --seed 7, 7, 8;
       digests of the initial projector and LoRA weights.
+    - `qlora_training`: upstream's train() with `--bits 4 --bf16 True --lora_enable True`
+      (a stand-in Trainer), its LoRA save and its loader (tests/test_compat.py's probe).
     - `deepspeed_optional`: deepspeed made unimportable, as on a machine without it,
       then `maybe_zero_3` of a plain parameter in train.py and llava_trainer.py
       (`deepspeed_optional/partitioned`: of a parameter with a `ds_id`).
@@ -332,6 +337,7 @@ def simulate(kit_root: str, workdir: str) -> dict[str, dict]:
         return {"runs": runs}
 
     attempt("seed_model_init", seeded_builds)
+    attempt("qlora_training", lambda: qlora_probe(kit_root, workdir))
 
     for name in [m for m in sys.modules if m == "deepspeed" or m.startswith("deepspeed.")]:
         del sys.modules[name]
@@ -427,5 +433,11 @@ def test_patch_is_what_mends_its_failure(number, simulated):
         first, again, other = unmended["runs"]
         assert first["projector"] != again["projector"] and first["lora"] != again["lora"]
         assert (first["projector"], first["lora"]) == (other["projector"], other["lora"])
+    elif name == "qlora_training":
+        if not mended["ok"] and "bitsandbytes" in (mended["message"] + mended["where"]).lower():
+            pytest.skip(f"bitsandbytes cannot quantize on this machine: {mended['message'][:300]}")
+        assert_qlora_mended(mended)  # the LLM in 4-bit, the projector in float32, a checkpoint that loads
+        assert unmended["type"] == "ValueError" and "`quantization_config` argument at the same time" in (
+            unmended["message"]), unmended
     else:
         raise AssertionError(f"no check for {name}")

@@ -39,6 +39,7 @@ SHIMS: tuple[Shim, ...] = (
     training.seed_model_init,
     training.warmup_ratio,
     training.deepspeed_optional,
+    training.qlora_training,
     loading.quantized_loading,
     serving.worker_generate_errors,
     serving.worker_image_errors,

@@ -54,17 +54,22 @@ def quantized_loading(original):
     return load_pretrained_model
 
 
-def quantization_config(load_8bit: bool):
-    """bitsandbytes config that leaves the FEALLM projector, CLIP and lm_head unquantized."""
+def quantization_config(load_8bit: bool, *, compute_dtype=None, double_quant: bool = True, quant_type: str = "nf4"):
+    """bitsandbytes config that leaves the FEALLM projector, CLIP and lm_head unquantized.
+
+    4-bit: `quant_type` (nf4) with double quantization, computing in `compute_dtype`
+    (float16 when None, as upstream's loader); 8-bit: LLM.int8(). Upstream's train.py
+    `--bits 4/8` passes its own dtype and flags (`qlora_training`).
+    """
     import torch
     from transformers import BitsAndBytesConfig
 
     if load_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANT_SKIP_MODULES)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(QUANT_SKIP_MODULES))
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_compute_dtype=torch.float16,
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_quant_type="nf4",
-        llm_int8_skip_modules=QUANT_SKIP_MODULES,
+        bnb_4bit_compute_dtype=torch.float16 if compute_dtype is None else compute_dtype,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_quant_type=quant_type,
+        llm_int8_skip_modules=list(QUANT_SKIP_MODULES),
     )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import logging
 import sys
 from types import ModuleType
+from typing import Self
 
 from feallm_llava.integration.compat.shim import shim
 from feallm_llava.integration.compat.versions import flash_attn_available, transformers_at_least
@@ -229,3 +231,186 @@ def deepspeed_optional(module: ModuleType) -> None:
     for target in (module, sys.modules.get(_TRAINER)):
         if getattr(target, "maybe_zero_3", None) is not None:
             wrap(target, "maybe_zero_3", "deepspeed_optional", make)
+
+
+@functools.cache
+def _bnb_kwargs_refused() -> bool:
+    """Whether the installed transformers refuses upstream's `--bits` load: `load_in_4bit`
+    next to `quantization_config`.
+
+    Asked of `from_pretrained` itself, on a one-layer Llama built from a config and an
+    empty state dict (no file is read or written): 4.38-4.57 raise ValueError before
+    anything is built, 5.x TypeError (`load_in_4bit` reaches the model's `__init__`). A
+    transformers that takes both (4.37) builds the model, or fails for another reason
+    (bitsandbytes), and the shim stays off.
+    """
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1)
+    try:
+        LlamaForCausalLM.from_pretrained(None, config=config, state_dict={}, load_in_4bit=True,
+                                         quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    except (ValueError, TypeError) as err:
+        return "load_in_4bit" in str(err)
+    except Exception:  # noqa: BLE001 - accepted the pair, then failed elsewhere: not this failure
+        return False
+    return False
+
+
+def _bits_from_argv(argv: list[str]) -> int | None:
+    """`--bits` as given on the command line (either form; the last one wins), else None."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--bits", default=None)
+    value = parser.parse_known_args(argv)[0].bits
+    return int(value) if value in ("4", "8") else None
+
+
+@shim(_TRAIN, replaces="train", versions="transformers >= 4.38 (5.x: TypeError), with --bits 4/8",
+      needed=_bnb_kwargs_refused)
+def qlora_training(original):
+    """Without it: `--bits 4/8` (QLoRA): ValueError (both load_in_4bit and quantization_config); that
+    alone mended, the projector trains in bf16 / fp16 and the LoRA checkpoint does not load.
+
+    A `train()` launched with `--bits 4` or `--bits 8` runs with three changes, all undone
+    when it returns; any other run is upstream's `train()` untouched.
+
+    1. One quantization config. Upstream passes `load_in_4bit`/`load_in_8bit` and a
+       `BitsAndBytesConfig` to `from_pretrained`: ValueError on transformers >= 4.38
+       (5.x: TypeError). Only `loading.quantization_config` is passed, with upstream's
+       compute dtype (`--bf16` / `--fp16`, else float32), `--double_quant` and
+       `--quant_type`, and `QUANT_SKIP_MODULES`: the projector, the CLIP tower and
+       `lm_head` stay unquantized (upstream's list, `mm_projector` alone, made `lm_head`
+       a Linear4bit). The LLM's decoder Linear layers load as bitsandbytes Linear4bit /
+       Linear8bitLt; `prepare_model_for_kbit_training` and LoRA then run as upstream's.
+    2. The projector keeps float32. Upstream casts it to the compute dtype
+       (`mm_projector.to(dtype=compute_dtype)`); measured on the tiny kit, 2 steps at
+       `--mm_projector_lr 2e-5`: under `--bf16` the stage-1 weights are rounded and 80 %
+       of the projector's elements never move (Adam's step rounds away; 0.6 % in
+       float32), under `--fp16` the second step's gradient norm is NaN and every saved
+       projector tensor is NaN. Its `.to()` now moves devices only, so it trains in
+       float32 (under autocast) at `--mm_projector_lr`, as in a 16-bit LoRA run, and
+       `non_lora_trainables.bin` holds float32.
+    3. The `config.json` saved with the LoRA adapter leaves out `quantization_config`
+       (and `_pre_quantization_dtype`). With it, `load_pretrained_model` takes the
+       unquantized base for pre-quantized weights and fails (`NotImplementedError: Cannot
+       copy out of meta tensor`), `load_4bit` too; without it the checkpoint loads as any
+       LoRA one (float16, or `load_4bit` / `load_8bit`).
+
+    Nothing else needed mending: `prepare_model_for_kbit_training` (all weights frozen,
+    the unquantized ones upcast to float32), upstream's later casts (LoRA layers to bf16
+    under `--bf16`, norms to float32, the CLIP tower to bf16 / fp16 as in every run) and
+    the `non_lora_trainables` save work once 1-3 hold. `--bits` without `--lora_enable`
+    is refused by the Trainer itself ("cannot perform fine-tuning on purely quantized
+    models"), as upstream. `--bits` is read from the command line, spelled out (`--bits
+    4` or `--bits=4`).
+    """
+    def train(*args, **kwargs):
+        bits = _bits_from_argv(sys.argv)
+        if bits is None:
+            return original(*args, **kwargs)
+        with _QLoRARun(bits):
+            return original(*args, **kwargs)
+    return train
+
+
+class _QLoRARun:
+    """What `qlora_training` changes for one `train()` call; everything is put back on exit."""
+
+    def __init__(self, bits: int):
+        self.bits = bits
+        self.model = None  # the quantized model upstream loaded
+        self._undo: list = []
+
+    def __enter__(self) -> Self:
+        from transformers import PretrainedConfig, PreTrainedModel
+
+        self._swap(PreTrainedModel, "from_pretrained",
+                   classmethod(self._one_config(PreTrainedModel.from_pretrained.__func__)))
+        self._swap(PretrainedConfig, "save_pretrained", self._unquantized_base(PretrainedConfig.save_pretrained))
+        return self
+
+    def __exit__(self, *_exc) -> bool:
+        while self._undo:
+            self._undo.pop()()
+        return False
+
+    def _swap(self, owner, name: str, value) -> None:
+        own = vars(owner)
+        had, old = name in own, own.get(name)
+        setattr(owner, name, value)
+        self._undo.append(lambda: setattr(owner, name, old) if had else delattr(owner, name))
+
+    def _one_config(self, from_pretrained):
+        """1: upstream's load_in_*bit + BitsAndBytesConfig become loading's one config."""
+        from feallm_llava.integration.compat.loading import quantization_config
+
+        @functools.wraps(from_pretrained)
+        def one_config(cls, *args, **kwargs):
+            given = kwargs.get("quantization_config")
+            eight, four = kwargs.get("load_in_8bit"), kwargs.get("load_in_4bit")
+            if given is None or not (eight or four):  # not upstream's --bits load (the CLIP tower, ...)
+                return from_pretrained(cls, *args, **kwargs)
+            kwargs.pop("load_in_8bit", None)
+            kwargs.pop("load_in_4bit", None)
+            kwargs["quantization_config"] = quantization_config(
+                bool(eight), compute_dtype=given.bnb_4bit_compute_dtype,
+                double_quant=given.bnb_4bit_use_double_quant, quant_type=given.bnb_4bit_quant_type)
+            model = from_pretrained(cls, *args, **kwargs)
+            self._loaded(model)
+            return model
+        return one_config
+
+    def _loaded(self, model) -> None:
+        self.model = model
+        quantized = sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+        log.info("--bits %d: %d Linear layers of the LLM quantized; mm_projector, vision_tower and lm_head are not",
+                 self.bits, quantized)
+        inner = model.get_model() if hasattr(model, "get_model") else None
+        if inner is None or not hasattr(inner, "initialize_vision_modules"):
+            return  # a plain LLM: no projector
+
+        initialize = inner.initialize_vision_modules
+
+        def initialize_vision_modules(*args, **kwargs):
+            result = initialize(*args, **kwargs)
+            self._keep_dtype(inner.mm_projector)
+            return result
+        self._swap(inner, "initialize_vision_modules", initialize_vision_modules)
+
+    def _keep_dtype(self, projector) -> None:
+        """2: the projector's `.to()` moves it between devices but keeps its dtype."""
+        import torch
+
+        move = projector.to
+
+        def to(*args, **kwargs):
+            device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+            if dtype is not None:
+                log.info("--bits %d: the projector stays in %s (upstream casts it to %s)", self.bits,
+                         next(projector.parameters()).dtype, dtype)
+            return projector if device is None else move(device=device, non_blocking=non_blocking)
+        self._swap(projector, "to", to)
+
+    def _unquantized_base(self, save_pretrained):
+        """3: the model's config, saved next to LoRA weights (not quantized ones), names no quantization."""
+        @functools.wraps(save_pretrained)
+        def save(config, *args, **kwargs):
+            model = self.model
+            if model is None or config is not model.config or not any(
+                    "lora_" in name for name, _ in model.named_parameters()):
+                return save_pretrained(config, *args, **kwargs)
+            # _pre_quantization_dtype (a torch.dtype) is left out of the JSON only next to a
+            # quantization_config: both go, both come back
+            held = {key: vars(config).pop(key) for key in _QUANTIZATION_KEYS if key in vars(config)}
+            try:
+                return save_pretrained(config, *args, **kwargs)
+            finally:
+                for key, value in held.items():
+                    setattr(config, key, value)
+        return save
+
+
+_QUANTIZATION_KEYS = ("quantization_config", "_pre_quantization_dtype")
