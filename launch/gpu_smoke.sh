@@ -5,7 +5,8 @@
 # gradient checkpointing, flash-attn when installed else sdpa), then upstream's loader on
 # the LoRA checkpoint with device='cuda' and a generation, then QLoRA stage 2 (the 24 GB
 # route: `--bits 4`, one plain python process on one GPU, no DeepSpeed) and its checkpoint
-# loaded in 4-bit with a generation, then the projector benchmark on the GPU. Prints one
+# loaded in 4-bit with a generation, upstream's eval script llava.eval.model_vqa_loader on
+# the LoRA checkpoint as LLaVA's scripts call it, then the projector benchmark on the GPU. Prints one
 # PASS/FAIL (or SKIP) line per step; exits 1 when any step fails.
 #
 #   bash launch/gpu_smoke.sh                  # writes runs/gpu_smoke/
@@ -261,6 +262,39 @@ if [ -f "$STAGE2Q/non_lora_trainables.bin" ]; then
   step qlora-load load_and_generate "$STAGE2Q" 4bit && tail -n 1 "$OUT/qlora-load.log" | sed 's/^/     | /' || true
 else
   result SKIP qlora-load "no QLoRA checkpoint"
+fi
+
+# -- upstream's own eval script on the LoRA checkpoint, as LLaVA's scripts/v1_5/eval call it --
+# (on a CUDA machine it runs exactly as upstream wrote it: fp16, .cuda(); on CPU the
+# eval_scripts_on_cpu shim keeps it there)
+vqa_questions() {
+  "$PY" - "$DATA" "$OUT/vqa_questions.jsonl" <<'EOF'
+import json, sys
+from pathlib import Path
+data, out = Path(sys.argv[1]), Path(sys.argv[2])
+images = sorted(p.name for p in (data / "images").iterdir())[:4]
+out.write_text("".join(json.dumps({"question_id": i, "image": name, "text": "Please describe the expression in "
+                                   "this face.", "category": "default"}) + "\n" for i, name in enumerate(images)))
+EOF
+}
+check_vqa() {
+  "$PY" - "$OUT/vqa_questions.jsonl" "$OUT/vqa_answers.jsonl" <<'EOF'
+import json, sys
+questions = [json.loads(line) for line in open(sys.argv[1])]
+answers = [json.loads(line) for line in open(sys.argv[2])]
+assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions], "one answer per question"
+assert all(isinstance(a["text"], str) for a in answers)
+print(f"{len(answers)} answers, e.g. {answers[0]['text'][:60]!r}")
+EOF
+}
+if [ -f "$STAGE2/non_lora_trainables.bin" ] && vqa_questions; then
+  if step vqa "$PY" -m llava.eval.model_vqa_loader --model-path "$STAGE2" --model-base "$KIT/llm" \
+       --question-file "$OUT/vqa_questions.jsonl" --image-folder "$DATA/images" \
+       --answers-file "$OUT/vqa_answers.jsonl" --temperature 0 --conv-mode vicuna_v1 --max_new_tokens 16; then
+    step vqa-out check_vqa && tail -n 1 "$OUT/vqa-out.log" | sed 's/^/     | /' || true
+  fi
+else
+  result SKIP vqa "no stage-2 checkpoint"
 fi
 
 # -- projector benchmark on the device ---------------------------------------------------
