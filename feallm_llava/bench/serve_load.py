@@ -353,12 +353,14 @@ def wait_gone(pid: int, process: subprocess.Popen | None, timeout: float = 30.0)
 
 
 def wait_routed(controller_url: str, model_name: str, address: str, service, timeout: float) -> None:
-    """Until the controller lists `model_name` and hands out `address` for it."""
+    """Until the controller lists `model_name`, hands out `address` for it, and the worker
+    there answers: upstream's worker registers before its HTTP server listens."""
     from feallm_llava.serve import stack as serve
 
     def ready() -> bool:
         return (model_name in _post(controller_url + "/list_models")["models"]
-                and worker_address(controller_url, model_name) == address)
+                and worker_address(controller_url, model_name) == address
+                and model_name in _post(address + "/worker_get_status")["model_names"])
 
     serve._wait(service, ready, timeout, f"the controller routing {model_name!r} to {address}")
 
