@@ -153,35 +153,24 @@ assert set(twin) == set(saved) and all(torch.equal(twin[k], saved[k]) for k in s
 print(f"mm_projector.bin: {len(saved)} tensors (LCA + MPP), safetensors twin equal")
 EOF
 }
-check_stage2() {
-  "$PY" - "$STAGE2" <<'EOF'
-import sys
+check_lora() {  # check_lora RUN [qlora]: the LoRA adapter and the projector beside it
+  "$PY" - "$1" "${2:-}" <<'EOF'
+import json, sys
 from pathlib import Path
 import torch
-run = Path(sys.argv[1])
+run, qlora = Path(sys.argv[1]), sys.argv[2] == "qlora"
 assert (run / "adapter_model.safetensors").is_file() or (run / "adapter_model.bin").is_file(), "no LoRA adapter"
 non_lora = torch.load(run / "non_lora_trainables.bin", weights_only=True)
 assert any("mm_projector.lca." in k for k in non_lora) and any("mm_projector.mpp." in k for k in non_lora)
 assert not any("lora_" in k or "base_layer" in k for k in non_lora), "LoRA wrapped the projector"
-assert (run / "non_lora_trainables.safetensors").is_file(), "no non_lora_trainables.safetensors twin"
-print(f"adapter + non_lora_trainables.bin: {len(non_lora)} projector tensors")
-EOF
-}
-check_qlora() {
-  "$PY" - "$STAGE2Q" <<'EOF'
-import json, sys
-from pathlib import Path
-import torch
-run = Path(sys.argv[1])
-assert (run / "adapter_model.safetensors").is_file() or (run / "adapter_model.bin").is_file(), "no LoRA adapter"
-non_lora = torch.load(run / "non_lora_trainables.bin", weights_only=True)
-assert any("mm_projector.lca." in k for k in non_lora) and any("mm_projector.mpp." in k for k in non_lora)
 assert all(".mm_projector." in k for k in non_lora), sorted(k for k in non_lora if ".mm_projector." not in k)[:5]
-dtypes = {str(v.dtype) for v in non_lora.values()}
-assert dtypes == {"torch.float32"}, f"projector saved in {dtypes}, not float32"
-config = json.loads((run / "config.json").read_text())
-assert "quantization_config" not in config, "config.json names a quantization: the loader takes the base for 4-bit"
-print(f"adapter + non_lora_trainables.bin: {len(non_lora)} float32 projector tensors; config names no quantization")
+assert (run / "non_lora_trainables.safetensors").is_file(), "no non_lora_trainables.safetensors twin"
+if qlora:
+    dtypes = {str(v.dtype) for v in non_lora.values()}
+    assert dtypes == {"torch.float32"}, f"projector saved in {dtypes}, not float32"
+    config = json.loads((run / "config.json").read_text())
+    assert "quantization_config" not in config, "config.json names a quantization: the loader takes the base for 4-bit"
+print(f"adapter + non_lora_trainables.bin: {len(non_lora)} {'float32 ' if qlora else ''}projector tensors")
 EOF
 }
 
@@ -198,14 +187,14 @@ if [ -f "$KIT/kit.json" ]; then
          --lora_enable True --lora_r 16 --lora_alpha 32 --mm_projector_lr 2e-5 \
          --learning_rate 2e-4 --group_by_modality_length True \
          --output_dir "$STAGE2" "${common[@]}"; then
-      step stage2-out check_stage2 || true
+      step stage2-out check_lora "$STAGE2" || true
     fi
     rm -rf "$STAGE2Q"
     if step qlora "${qlora_launch[@]}" --model_name_or_path "$KIT/llm" --version v1 \
          --data_path "$DATA/finetune.json" --pretrain_mm_mlp_adapter "$STAGE1/mm_projector.bin" \
          --lora_enable True --lora_r 16 --lora_alpha 32 --mm_projector_lr 2e-5 \
          --learning_rate 2e-4 --output_dir "$STAGE2Q" "${shared[@]}" "${qlora_args[@]}"; then
-      step qlora-out check_qlora || true
+      step qlora-out check_lora "$STAGE2Q" qlora || true
     fi
   else
     result SKIP stage2 "no stage-1 projector"

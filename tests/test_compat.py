@@ -87,6 +87,16 @@ MISSING_DATA = "no-such-dir/feallm-probe-data.json"  # makes train() stop right 
 
 # -- the probes (run in this process and, via `python -c`, in fresh ones) -------------
 
+def outcome(fn) -> dict:
+    """{"ok": True, ...what fn returned} or {"ok": False, "type", "message", "where"}."""
+    try:
+        return {"ok": True, **(fn() or {})}
+    except Exception as err:  # noqa: BLE001 - any failure is the outcome, recorded and asserted on
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        return {"ok": False, "type": type(err).__name__, "message": str(err)[:3000],
+                "where": f"{frame.filename}:{frame.lineno}"}
+
+
 def run_probes(kit_root: str, checkpoint: str, workdir: str, train: bool = False) -> dict[str, dict]:
     """Call upstream the way each shim's failure shows; {probe: outcome}.
 
@@ -100,12 +110,7 @@ def run_probes(kit_root: str, checkpoint: str, workdir: str, train: bool = False
     work.mkdir(parents=True, exist_ok=True)
 
     def probe(name, fn):
-        try:
-            results[name] = {"ok": True, **(fn() or {})}
-        except Exception as err:  # noqa: BLE001 - any failure is the outcome, recorded and asserted on
-            frame = traceback.extract_tb(err.__traceback__)[-1]
-            results[name] = {"ok": False, "type": type(err).__name__, "message": str(err)[:3000],
-                             "where": f"{frame.filename}:{frame.lineno}"}
+        results[name] = outcome(fn)
 
     import llava
 

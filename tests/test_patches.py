@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -242,13 +241,10 @@ def simulate(kit_root: str, workdir: str) -> dict[str, dict]:
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
 
+    from tests.test_compat import outcome
+
     def attempt(name, fn):
-        try:
-            results[name] = {"ok": True, **(fn() or {})}
-        except Exception as err:  # noqa: BLE001 - the failure is the outcome, asserted on
-            frame = traceback.extract_tb(err.__traceback__)[-1]
-            results[name] = {"ok": False, "type": type(err).__name__, "message": str(err)[:3000],
-                             "where": f"{frame.filename}:{frame.lineno}"}
+        results[name] = outcome(fn)
 
     import llava
     import transformers
