@@ -4,6 +4,9 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/launch/bootstrap.sh"
+# lmms-eval runs from its own environment (tests/test_lmms_eval.py); FEALLM_LMMS=0 skips it
+# (those tests then skip and say why).
+[ "${FEALLM_LMMS:-1}" = 0 ] || bash "$root/launch/bootstrap.sh" --env lmms
 # The browser test drives Debian's headless Chromium; install it when we may (root +
 # apt). Elsewhere that test skips and says why. FEALLM_BROWSER=0 skips the install.
 if [ "${FEALLM_BROWSER:-1}" != 0 ] && ! command -v chromedriver >/dev/null 2>&1 \

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from feallm_llava.errors import EXIT_ITEMS_FAILED
-from feallm_llava.eval.benchmarks import BENCHMARKS, load_items
+from feallm_llava.eval.benchmarks import BENCHMARKS, LoadedBenchmark, load_items
 from feallm_llava.eval.items import EvalItem
 from feallm_llava.eval.predictions import (PredictionWriter, answered_ids, check_same_run, chunk, merge_shards,
                           read_predictions, shard_path, sort_in_item_order)
@@ -37,6 +37,12 @@ INTERRUPTED = "the answers so far are in the predictions file; rerun the same co
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_benchmark_arguments(parser)
+    _add_model_arguments(parser)
+
+
+def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    """--bench, --data and the reader flags (`feallm eval`, `feallm lmms-tasks`)."""
     g = parser.add_argument_group("benchmark")
     g.add_argument("--bench", required=True, choices=list(BENCHMARKS), help="which benchmark")
     g.add_argument("--data", required=True, type=Path,
@@ -62,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "defaults '{subject}/{task}/{frame}.jpg' (BP4D), '{subject}/{frame}.jpg' under "
                         "<data>/Images (DISFA)")
 
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model: a LLaVA checkpoint")
     g.add_argument("--model-path", default=None, help="checkpoint directory (its name must contain 'llava')")
     g.add_argument("--model-base", default=None, help="base LLM of a LoRA or projector-only checkpoint")
@@ -91,7 +99,7 @@ def prediction_record(item: EvalItem, answer: str, model: str) -> dict:
     return {**item.record(), "answer": answer, "model": model}
 
 
-def _reader_options(args: argparse.Namespace) -> ReaderOptions:
+def reader_options(args: argparse.Namespace) -> ReaderOptions:
     try:
         folds = tuple(int(f) for f in args.folds.split(",") if f.strip())
     except ValueError:
@@ -100,6 +108,15 @@ def _reader_options(args: argparse.Namespace) -> ReaderOptions:
         image_folder=args.image_folder, split=args.split, rafdb_images=args.rafdb_images,
         affectnet_release=args.affectnet_release, affectnet_classes=args.affectnet_classes,
         sample_every=args.sample_every, folds=folds, frame_pattern=args.frame_pattern)
+
+
+def load_benchmark(args: argparse.Namespace) -> tuple[LoadedBenchmark, list[EvalItem]]:
+    """The benchmark the flags of `add_benchmark_arguments` name, and its items after --limit."""
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    loaded = load_items(args.bench, args.data, reader_options(args), seed=args.seed,
+                        skip_missing=args.skip_missing)
+    return loaded, loaded.items[:args.limit] if args.limit else loaded.items
 
 
 def _model_label(args: argparse.Namespace) -> str:
@@ -128,8 +145,6 @@ def _backend(args: argparse.Namespace):
 def _check_args(args: argparse.Namespace) -> None:
     if not args.merge and bool(args.model_path) == bool(args.openai_model):
         raise ValueError("give exactly one model: --model-path (LLaVA checkpoint) or --openai-model (endpoint)")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.num_chunks < 1 or not 0 <= args.chunk_idx < args.num_chunks:
         raise ValueError(f"--chunk-idx must be in 0..{args.num_chunks - 1} for --num-chunks {args.num_chunks}")
     if args.batch_size < 1:
@@ -141,9 +156,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     _check_args(args)
-    loaded = load_items(args.bench, args.data, _reader_options(args), seed=args.seed,
-                        skip_missing=args.skip_missing)
-    items = loaded.items[:args.limit] if args.limit else loaded.items
+    loaded, items = load_benchmark(args)
     dropped = dict(sorted(loaded.dropped.items()))
     if args.merge:
         target = merge_shards(args.out, args.num_chunks, [i.id for i in items])

@@ -35,7 +35,7 @@ from feallm_llava.facs.labels import EXPRESSIONS
 from feallm_llava.errors import EXIT_ITEMS_FAILED, UsageError
 from feallm_llava.eval import report
 from feallm_llava.eval.metrics import au_metrics, fer_metrics
-from feallm_llava.facs.parse import parse
+from feallm_llava.facs.parse import ParseResult, parse
 
 TASKS = ("fer", "aud")
 
@@ -118,6 +118,12 @@ def _scored_item(path: Path, lineno: int, raw: str, name: str | None, default_mo
         torn = "" if raw.endswith("\n") else " (the last line, cut short: an interrupted writer)"
         raise PredictionsError(f"{where}: not valid JSON ({e.msg} at column {e.colno}){torn}; "
                                "fix or delete the line, or pass --skip-bad-lines") from e
+    return scored_record(rec, str(path), lineno, name, default_model)
+
+
+def scored_record(rec: object, file: str, lineno: int, name: str | None, default_model: str) -> ScoredItem:
+    """One predictions record (a decoded line), checked; `file:lineno` names it in errors."""
+    where = f"{file}:{lineno}"
     if not isinstance(rec, dict):
         raise PredictionsError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     for key in ("id", "task", "answer", "bench"):
@@ -152,7 +158,7 @@ def _scored_item(path: Path, lineno: int, raw: str, name: str | None, default_mo
     if not isinstance(model, str):
         raise PredictionsError(f"{where}: 'model' must be a string, got {model!r}")
     return ScoredItem(
-        file=str(path), line=lineno, id=item_id, task=task, bench=rec["bench"],
+        file=file, line=lineno, id=item_id, task=task, bench=rec["bench"],
         model=model, answer=rec["answer"], gt_expression=gt_expression, gt_aus=gt_aus,
         au_targets=targets)
 
@@ -185,6 +191,16 @@ def group_rows(items: list[ScoredItem]) -> dict[tuple[str, str], list[ScoredItem
 
 # ----------------------------------------------------------------------------- scoring
 
+def prediction(task: str, answer: str, au_targets: tuple[int, ...] = ()) -> tuple[str | set[int] | None, ParseResult]:
+    """What the scorer reads in an answer, and the parse behind it: a FER answer's
+    expression, an AUD answer's set of AUs among `au_targets`; None is a parse failure."""
+    if task == "fer":
+        result = parse(answer)
+        return result.expression, result
+    result = parse(answer, au_targets)
+    return (set(result.aus) if result.aus_answered else None), result
+
+
 def score_row(items: list[ScoredItem], failures: list[dict]) -> report.ReportRow:
     """Parse every answer of one (bench, model) and compute its metrics."""
     fer = [it for it in items if it.task == "fer"]
@@ -198,9 +214,9 @@ def score_row(items: list[ScoredItem], failures: list[dict]) -> report.ReportRow
     if fer:
         preds = []
         for it in fer:
-            result = parse(it.answer)
-            preds.append(result.expression)
-            if result.expression is None:
+            pred, result = prediction("fer", it.answer)
+            preds.append(pred)
+            if pred is None:
                 ambiguous += result.expression_ambiguous
                 fail(it, "ambiguous: " + ", ".join(f"{c} x{n}" for c, n in
                                                    result.expression_counts.items())
@@ -209,9 +225,9 @@ def score_row(items: list[ScoredItem], failures: list[dict]) -> report.ReportRow
     if aud:
         preds = []
         for it in aud:
-            result = parse(it.answer, it.au_targets)
-            preds.append(set(result.aus) if result.aus_answered else None)
-            if not result.aus_answered:
+            pred, _ = prediction("aud", it.answer, it.au_targets)
+            preds.append(pred)
+            if pred is None:
                 fail(it, "no AU named")
         aud_metrics_ = au_metrics([it.gt_aus for it in aud], preds, aud[0].au_targets)
     return report.ReportRow(
