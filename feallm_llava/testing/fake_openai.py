@@ -2,7 +2,9 @@
 
 It speaks the real wire protocol over real HTTP on 127.0.0.1, so the official `openai`
 client is tested unchanged: `POST /v1/chat/completions` (JSON in, ChatCompletion JSON
-out, OpenAI's error shape and `retry-after` header on errors), plus the few calls the
+out, OpenAI's error shape and `retry-after` header on errors; with `"stream": true` the
+answer comes as server-sent `chat.completion.chunk` events, one word each, then `data:
+[DONE]`), plus the few calls the
 Batch API needs (`POST /v1/files`, `POST /v1/batches`, `GET /v1/batches/{id}`,
 `GET /v1/files/{id}/content`) and `GET /v1/models`.
 
@@ -58,7 +60,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -207,10 +209,11 @@ class FakeServer:
     """The running server; see the module docstring. Stop it with `.stop()` or `with`."""
 
     def __init__(self, responder: Callable[[RequestInfo], str | Reply], faults=None,
-                 latency: float = 0.0, host: str = "127.0.0.1"):
+                 latency: float = 0.0, host: str = "127.0.0.1", stream_interval: float = 0.0):
         self.responder = responder
         self.faults = faults
         self.latency = latency
+        self.stream_interval = stream_interval
         self.requests = RequestLog()
         self.errors: list[str] = []          # responder exceptions (answered as HTTP 500)
         self.files: dict[str, dict] = {}     # file id -> {"bytes", "filename", "purpose"}
@@ -294,6 +297,27 @@ class FakeServer:
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                       "total_tokens": prompt + completion},
         }
+
+    def stream_events(self, completion: dict, include_usage: bool = False) -> Iterator[bytes]:
+        """A chat completion as the server-sent events of a streamed answer: the role, one
+        chunk per word (with its trailing space), the finish reason, [usage,] [DONE]."""
+        message = completion["choices"][0]["message"]
+        head = {"id": completion["id"], "object": "chat.completion.chunk", "created": completion["created"],
+                "model": completion["model"]}
+
+        def event(delta: dict, finish: str | None = None, **extra) -> bytes:
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+            return b"data: " + json.dumps({**head, "choices": choices, **extra}).encode() + b"\n\n"
+
+        yield event({"role": "assistant", "content": ""})
+        for i, piece in enumerate(re.findall(r"\s*\S+\s*|\s+", message["content"] or "")):
+            if i and self.stream_interval:
+                self._stopping.wait(self.stream_interval)
+            yield event({"content": piece})
+        yield event({}, "stop")
+        if include_usage:
+            yield b"data: " + json.dumps({**head, "choices": [], "usage": completion["usage"]}).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
 
     def upload(self, content_type: str, raw: bytes) -> tuple[int, dict]:
         parser = email.parser.BytesParser(policy=email.policy.HTTP)
@@ -388,6 +412,19 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up (a timeout test): nothing to send
 
+    def _send_stream(self, events: Iterable[bytes]) -> None:
+        """200 with `events` as a chunked text/event-stream body, each written as it comes."""
+        try:
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for data in events:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         fake = self.server.fake
         path = self.path.split("?")[0]
@@ -419,6 +456,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(400, _error_body(400, f"request body is not JSON: {err}"))
         if path == "/v1/chat/completions":
             status, headers, payload = fake.chat(body)
+            if body.get("stream") and status == 200 and isinstance(payload, dict):
+                usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                return self._send_stream(fake.stream_events(payload, usage))
             return self._send(status, payload, headers)
         if path == "/v1/batches":
             status, payload = fake.create_batch(body)
@@ -427,10 +467,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def start_fake_openai(responder: Callable[[RequestInfo], str | Reply], faults=None, *,
-                      latency: float = 0.0) -> FakeServer:
+                      latency: float = 0.0, stream_interval: float = 0.0) -> FakeServer:
     """Start a fake OpenAI server on a free port of 127.0.0.1 (see the module docstring).
 
     latency: seconds added to every chat request (the concurrency benchmark uses 0.2).
+    stream_interval: seconds between the chunks of a streamed answer.
     """
-    return FakeServer(responder, faults=faults, latency=latency)
+    return FakeServer(responder, faults=faults, latency=latency, stream_interval=stream_interval)
 
