@@ -16,7 +16,7 @@ The package, bottom floor first (no module imports from a floor above its own):
     inference/      answering questions: a LLaVA checkpoint or an OpenAI-compatible server
     eval/           benchmarks, runner, scorer, reports
     serve/          analysis of photos, the serving stack
-    tinykit, recipe, demo/, bench/, testing/, cli, run   tools built on all of the above
+    tinykit, recipe, demo/, bench/, testing/, cli, run, ui/   tools built on all of the above
 """
 
 __version__ = "0.1.0"

@@ -25,7 +25,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("eval", ("feallm_llava.eval",)),
     ("serve", ("feallm_llava.serve",)),
     ("tools", ("feallm_llava.tinykit", "feallm_llava.recipe", "feallm_llava.demo", "feallm_llava.bench",
-               "feallm_llava.testing", "feallm_llava.cli", "feallm_llava.run", "feallm_llava")),
+               "feallm_llava.testing", "feallm_llava.cli", "feallm_llava.run", "feallm_llava.ui", "feallm_llava")),
 )
 
 # The llava integration knows llava's insides; the inference backend calls its public
