@@ -1,8 +1,10 @@
-"""Upstream LLaVA's controller + model_worker + Gradio server with a FEALLM checkpoint.
+"""Upstream LLaVA's controller + model_worker (+ its Gradio server) with a FEALLM checkpoint.
 
-One stack (three processes started with upstream's own `python -m llava.serve.*` entry
-points, ~10-15 s each here) is shared by the module and stopped at its end. The worker
-sees the `feallm` projector only through the installed autoload hook. Offline, CPU.
+One stack (processes started with upstream's own `python -m llava.serve.*` entry points,
+~10-15 s each here) is shared by the module and stopped at its end. The worker sees the
+`feallm` projector only through the installed autoload hook. Offline, CPU. Upstream's
+Gradio server is opt-in (gradio 4.16.0: `bootstrap.sh --legacy-ui`) and its part here
+skips without it; FEALLM's own UI on this stack is tests/test_ui_browser.py.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from feallm_llava.serve import stack as serve
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_GRADIO = importlib.util.find_spec("gradio") is not None
-NO_GRADIO = "gradio 4.16.0 is not installed (the `serve` extra): the web UI part is skipped"
+NO_GRADIO = ("upstream's web UI is opt-in: gradio 4.16.0 is not installed (bash launch/bootstrap.sh "
+             "--legacy-ui); its part is skipped")
 
 
 def _service_env(tmp: Path) -> dict[str, str]:
@@ -46,7 +49,7 @@ def checkpoint(kit, tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    st = serve.start_stack(str(checkpoint), device="cpu", web=HAS_GRADIO, log_dir=tmp / "logs",
+    st = serve.start_stack(str(checkpoint), device="cpu", web=HAS_GRADIO, ui="legacy", log_dir=tmp / "logs",
                            env=_service_env(tmp))
     try:
         yield st
@@ -168,24 +171,48 @@ def test_every_server_listens_on_loopback_only(served):
         assert _listening_addresses(port) == {"127.0.0.1"}, s.name
 
 
+def _serve_sh(*args: str, **env: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in ("FEALLM_SERVE_HOST", "FEALLM_UI_PYTHON", "FEALLM_UI_VENV")}
+    full.update(env)
+    proc = subprocess.run(["bash", str(ROOT / "launch/serve.sh"), *args, "--dry-run"], env=full,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _modules(proc: subprocess.CompletedProcess) -> list[str]:
+    return [c.split(" -m ")[1].split()[0] for c in proc.stdout.strip().splitlines()]
+
+
 def test_serve_sh_binds_loopback_by_default_and_warns_when_exposed(tmp_path):
-    env = dict(os.environ)
-    env.pop("FEALLM_SERVE_HOST", None)
-    plain = subprocess.run(["bash", str(ROOT / "launch/serve.sh"), "--model-path", "m-llava", "--dry-run"],
-                           env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert plain.returncode == 0, plain.stderr
+    plain = _serve_sh("--model-path", "m-llava")
     commands = plain.stdout.strip().splitlines()
-    assert [c.split(" -m ")[1].split()[0] for c in commands] == [
-        "llava.serve.controller", "llava.serve.model_worker", "llava.serve.gradio_web_server"]
+    # FEALLM's UI by default, run by the UI's own environment
+    assert _modules(plain) == ["llava.serve.controller", "llava.serve.model_worker", "feallm_llava.ui"]
+    assert commands[2].split()[0] == str(ROOT / ".venv-ui/bin/python")
+    assert "--controller http://127.0.0.1:PORT" in commands[2]
     assert all("--host 127.0.0.1" in c for c in commands) and "WARNING" not in plain.stderr
 
-    env.update(FEALLM_SERVE_HOST="0.0.0.0", FEALLM_MODEL_PATH="m-llava", FEALLM_DEVICE="cuda")
-    exposed = subprocess.run(["bash", str(ROOT / "launch/serve.sh"), "--dry-run"], env=env,
-                             capture_output=True, text=True, timeout=120, check=False)
-    assert exposed.returncode == 0, exposed.stderr
+    exposed = _serve_sh(FEALLM_SERVE_HOST="0.0.0.0", FEALLM_MODEL_PATH="m-llava", FEALLM_DEVICE="cuda",
+                        FEALLM_UI_VENV=str(tmp_path / "ui-env"))
     assert "--host 0.0.0.0" in exposed.stdout and "--device cuda" in exposed.stdout
-    assert "WARNING" in exposed.stderr and "path-traversal" in exposed.stderr
+    assert exposed.stdout.strip().splitlines()[2].split()[0] == str(tmp_path / "ui-env/bin/python")
+    assert "WARNING" in exposed.stderr and "no login" in exposed.stderr
     assert "no authentication" in exposed.stderr and "register workers" in exposed.stderr
+    assert "gradio 4.16.0" not in exposed.stderr
+
+
+def test_serve_sh_legacy_ui_starts_upstreams_page_and_warns_of_its_advisories():
+    legacy = _serve_sh("--model-path", "m-llava", "--legacy-ui")
+    assert _modules(legacy) == ["llava.serve.controller", "llava.serve.model_worker", "llava.serve.gradio_web_server"]
+    assert all("--host 127.0.0.1" in c for c in legacy.stdout.splitlines()) and "WARNING" not in legacy.stderr
+
+    exposed = _serve_sh("--model-path", "m-llava", "--legacy-ui", "--host", "0.0.0.0")
+    assert "WARNING" in exposed.stderr and "path-traversal" in exposed.stderr and "gradio 4.16.0" in exposed.stderr
+    assert "no authentication" in exposed.stderr
+
+    assert _modules(_serve_sh("--model-path", "m-llava", "--no-web")) == [
+        "llava.serve.controller", "llava.serve.model_worker"]
 
 
 # ----------------------------------------------------------------------------- web UI

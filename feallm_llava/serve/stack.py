@@ -1,32 +1,36 @@
-"""Start and stop upstream LLaVA's serving stack: controller, model worker, Gradio server.
+"""Start and stop the serving stack: upstream LLaVA's controller and model worker, and a web UI.
 
-The three processes are upstream's own entry points, unchanged:
+The controller and worker are upstream's own entry points, unchanged; the web UI is ours
+by default, upstream's on request (`--legacy-ui`):
 
     python -m llava.serve.controller        (routes requests to workers)
     python -m llava.serve.model_worker      (loads the checkpoint; FEALLM is registered in
                                              it by the installed autoload hook)
-    python -m llava.serve.gradio_web_server (the chat page; no model code)
+    <.venv-ui>/bin/python -m feallm_llava.ui --controller URL
+                                            (the chat and Analyze page on a current Gradio,
+                                             in its own environment: `bootstrap.sh --env ui`)
+    python -m llava.serve.gradio_web_server (--legacy-ui: upstream's chat page, gradio 4.16.0)
 
 `start_stack(...)` starts them on free ports, waits (bounded) until each answers, and
 returns a `Stack` whose `stop()` ends every process group; `launch/serve.sh` and the tests
 use it, and `python -m feallm_llava.serve.stack --model-path P` runs it in the foreground
 until Ctrl-C.
 
-Every server binds to 127.0.0.1 unless the caller asks for another host: gradio 4.16.0 (the
-version upstream's UI needs) has published path-traversal advisories that are fixed only
-in much later releases, and upstream's controller and worker have no authentication
-(whoever reaches their ports can generate, or register a worker of their own that the
-controller then routes requests to), so exposing them to a network is an explicit choice
-that prints `EXPOSURE_WARNING`.
+Every server binds to 127.0.0.1 unless the caller asks for another host: upstream's
+controller and worker have no authentication (whoever reaches their ports can generate,
+or register a worker of their own that the controller then routes requests to), neither
+UI has a login, and gradio 4.16.0 (the version upstream's UI needs) has published
+path-traversal advisories that are fixed only in much later releases, so exposing them
+to a network is an explicit choice that prints `EXPOSURE_WARNING`.
 
 Each process runs in its own session (process group) with its working directory in
 `log_dir`: upstream writes its log files (`controller.log`, `model_worker_<id>.log`,
 `gradio_web_server.log`, `serve_images/`) into the current directory, and stdout+stderr
 of each process go to `<log_dir>/<name>.out`. Start-up takes ~10-15 s per process on a
-CPU machine (importing torch and transformers); the controller comes first because the
-worker registers with it and the Gradio server asks it for the model list, then worker
-and Gradio start side by side (`--model-list-mode reload`: the page asks the controller
-for models on every load, so a worker registered later still shows up).
+CPU machine (importing torch and transformers; FEALLM's UI imports neither); the
+controller comes first because the worker registers with it and the UI asks it for the
+model list, then worker and UI start side by side (both UIs ask the controller for models
+on every page load, so a worker registered later still shows up).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,15 +52,27 @@ LOCALHOST = "127.0.0.1"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 EXPOSURE_WARNING = (
-    "WARNING: serving on {host}, reachable from other machines. Upstream LLaVA's web UI "
-    "needs gradio 4.16.0, which has published path-traversal advisories (files on this "
-    "machine can be read through crafted URLs) fixed only in much later gradio releases. "
+    "WARNING: serving on {host}, reachable from other machines. {ui}"
     "Upstream's controller and model_worker have no authentication: anyone who reaches "
     "their ports can use the model and register workers (the controller then routes "
     "requests to them). "
     "Expose it only on a network you trust, or keep the default 127.0.0.1 and use an SSH "
     "tunnel (ssh -L PORT:127.0.0.1:PORT host)."
 )
+# What each web UI adds to the warning ({ui} above).
+UI_RISKS = {
+    "feallm": "The web UI has no login: anyone who reaches it can use the model and upload files. ",
+    "legacy": "Upstream LLaVA's web UI (--legacy-ui) needs gradio 4.16.0, which has published "
+              "path-traversal advisories (files on this machine can be read through crafted URLs) "
+              "fixed only in much later gradio releases. ",
+    None: "",
+}
+UIS = ("feallm", "legacy")
+
+
+def exposure_warning(host: str, ui: str | None) -> str:
+    return EXPOSURE_WARNING.format(host=host, ui=UI_RISKS[ui])
+
 
 # Bounded waits (seconds). Generous for a loaded 2-core CPU machine; a process that dies
 # ends the wait at once with the tail of its log.
@@ -120,8 +137,8 @@ class Service:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def command(module: str, args: list[str]) -> list[str]:
-    return [sys.executable, "-u", "-m", module, *args]
+def command(module: str, args: list[str], python: str | None = None) -> list[str]:
+    return [python or sys.executable, "-u", "-m", module, *args]
 
 
 def controller_args(host: str, port: int) -> list[str]:
@@ -146,12 +163,30 @@ def web_args(controller_url: str, *, host: str, port: int) -> list[str]:
             "--model-list-mode", "reload"]
 
 
+def ui_args(controller_url: str | None, *, host: str, port: int) -> list[str]:
+    """FEALLM's UI on `host:port`, asking `controller_url` (None: the caller gives another
+    backend, e.g. `--base-url URL --model NAME`, in extra_args)."""
+    backend = ["--controller", controller_url] if controller_url else []
+    return [*backend, "--host", host, "--port", str(port)]
+
+
+def default_ui_python() -> str:
+    """The Python of the web UI's environment: $FEALLM_UI_PYTHON, else $FEALLM_UI_VENV/bin/python,
+    else `.venv-ui` of this checkout when it exists, else this Python."""
+    if os.environ.get("FEALLM_UI_PYTHON"):
+        return os.environ["FEALLM_UI_PYTHON"]
+    if os.environ.get("FEALLM_UI_VENV"):
+        return str(Path(os.environ["FEALLM_UI_VENV"]) / "bin" / "python")
+    checkout = Path(__file__).resolve().parents[2] / ".venv-ui" / "bin" / "python"
+    return str(checkout) if checkout.exists() else sys.executable
+
+
 def _start(name: str, module: str, args: list[str], log_dir: Path, env: dict[str, str],
-           host: str, port: int) -> Service:
+           host: str, port: int, python: str | None = None) -> Service:
     log = log_dir / f"{name}.out"
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            command(module, args),
+            command(module, args, python),
             cwd=log_dir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: stop() reaches every child
         )
@@ -245,6 +280,18 @@ def start_web(controller_url: str, log_dir: Path, env: dict[str, str], *, host: 
                   log_dir, env, host, port)
 
 
+def start_ui(controller_url: str | None, log_dir: Path, env: dict[str, str], *, python: str | None = None,
+             host: str = LOCALHOST, port: int | None = None, extra_args: list[str] = ()) -> Service:
+    """FEALLM's web UI (`feallm_llava.ui`) run by `python` (default: `default_ui_python()`)."""
+    python = python or default_ui_python()
+    if not Path(python).exists() and shutil.which(python) is None:
+        raise StackError(f"no Python at {python} for the web UI: bash launch/bootstrap.sh --env ui "
+                         f"creates .venv-ui (or pass --legacy-ui, or --no-web)")
+    port = port or free_port(host)
+    return _start("feallm_ui", "feallm_llava.ui", ui_args(controller_url, host=host, port=port) + list(extra_args),
+                  log_dir, env, host, port, python=python)
+
+
 def wait_web(web: Service, timeout: float = WEB_TIMEOUT) -> None:
     import requests
 
@@ -289,19 +336,23 @@ def service_env(base: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def start_stack(model_path: str, *, model_base: str | None = None, model_name: str | None = None,
-                device: str = "cpu", host: str = LOCALHOST, web: bool = True,
-                controller_port: int | None = None, worker_port: int | None = None,
-                web_port: int | None = None, log_dir: str | os.PathLike | None = None,
-                env: dict[str, str] | None = None, extra_worker_args: list[str] = (),
-                extra_web_args: list[str] = (), worker_timeout: float = WORKER_TIMEOUT,
-                web_timeout: float = WEB_TIMEOUT) -> Stack:
-    """Start controller, then worker and (if `web`) the Gradio server; wait until all answer.
+                device: str = "cpu", host: str = LOCALHOST, web: bool = True, ui: str = "feallm",
+                ui_python: str | None = None, controller_port: int | None = None,
+                worker_port: int | None = None, web_port: int | None = None,
+                log_dir: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+                extra_worker_args: list[str] = (), extra_web_args: list[str] = (),
+                worker_timeout: float = WORKER_TIMEOUT, web_timeout: float = WEB_TIMEOUT) -> Stack:
+    """Start controller, then worker and (if `web`) the web UI; wait until all answer.
 
-    On any failure every process already started is stopped before the error propagates.
+    `ui`: "feallm" (`feallm_llava.ui`, run by `ui_python`, default `default_ui_python()`)
+    or "legacy" (upstream's gradio_web_server, in this Python). On any failure every
+    process already started is stopped before the error propagates.
     """
+    if ui not in UIS:
+        raise ValueError(f"ui must be one of {UIS}, got {ui!r}")
     if is_exposed(host):
-        print(EXPOSURE_WARNING.format(host=host), file=sys.stderr)
-    if web:
+        print(exposure_warning(host, ui if web else None), file=sys.stderr)
+    if web and ui == "legacy":
         _check_gradio()
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="feallm-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -319,9 +370,13 @@ def start_stack(model_path: str, *, model_base: str | None = None, model_name: s
                               extra_args=list(extra_worker_args))
         started.append(worker)
         web_service = None
-        if web:
+        if web and ui == "legacy":
             web_service = start_web(controller.url, log_dir, env, host=host, port=web_port,
                                     extra_args=list(extra_web_args))
+        elif web:
+            web_service = start_ui(controller.url, log_dir, env, python=ui_python, host=host, port=web_port,
+                                   extra_args=list(extra_web_args))
+        if web_service is not None:
             started.append(web_service)
         wait_worker(worker, controller.url, name, worker_timeout)
         if web_service is not None:
@@ -343,8 +398,10 @@ def _check_gradio() -> None:
     import importlib.util
 
     if importlib.util.find_spec("gradio") is None:
-        raise StackError("the web UI needs gradio 4.16.0 (with fastapi 0.110.3): install the `serve` "
-                         "extra (pip install 'feallm-llava[serve]'), or pass --no-web")
+        raise StackError("upstream's web UI (--legacy-ui) needs gradio 4.16.0 (with fastapi 0.110.3), "
+                         "which has published advisories and is installed only on request: "
+                         "bash launch/bootstrap.sh --legacy-ui (or drop --legacy-ui for FEALLM's UI, "
+                         "or pass --no-web)")
 
 
 # ------------------------------------------------------------------------- command line
@@ -363,10 +420,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-port", type=int, default=None, help="default: a free port")
     parser.add_argument("--web-port", type=int, default=None, help="default: a free port")
     parser.add_argument("--no-web", action="store_true", help="controller and worker only")
+    parser.add_argument("--legacy-ui", action="store_true",
+                        help="upstream's gradio 4.16.0 chat page instead of FEALLM's UI (published "
+                             "advisories; bash launch/bootstrap.sh --legacy-ui installs it)")
+    parser.add_argument("--ui-python", default=None,
+                        help="the Python that runs FEALLM's UI (default: $FEALLM_UI_PYTHON, else .venv-ui "
+                             "of this checkout; bash launch/bootstrap.sh --env ui creates it)")
     parser.add_argument("--log-dir", default=None, help="where logs go (default: a new temporary directory)")
     parser.add_argument("--load-4bit", action="store_true", help="passed to the worker")
     parser.add_argument("--load-8bit", action="store_true", help="passed to the worker")
     parser.add_argument("--dry-run", action="store_true", help="print the three commands, start nothing")
+
+
+def ui_of(args: argparse.Namespace) -> str | None:
+    """The web UI the command line asks for: None (--no-web), "legacy" or "feallm"."""
+    return None if args.no_web else "legacy" if args.legacy_ui else "feallm"
 
 
 def dry_run(args: argparse.Namespace, extra_worker_args: list[str]) -> str:
@@ -383,8 +451,11 @@ def dry_run(args: argparse.Namespace, extra_worker_args: list[str]) -> str:
                                  model_base=local_to_absolute(args.model_base),
                                  model_name=args.model_name, device=args.device, host=host, port=w_port)
                      + extra_worker_args)]
-    if not args.no_web:
+    if ui_of(args) == "legacy":
         lines.append(command("llava.serve.gradio_web_server", web_args(controller_url, host=host, port=g_port)))
+    elif ui_of(args) == "feallm":
+        lines.append(command("feallm_llava.ui", ui_args(controller_url, host=host, port=g_port),
+                             args.ui_python or default_ui_python()))
     return "\n".join(shlex.join(str(a) for a in line) for line in lines)
 
 
@@ -392,12 +463,13 @@ def main(args: argparse.Namespace) -> int:
     extra_worker_args = [flag for flag, on in (("--load-4bit", args.load_4bit), ("--load-8bit", args.load_8bit)) if on]
     if args.dry_run:
         if is_exposed(args.host):
-            print(EXPOSURE_WARNING.format(host=args.host), file=sys.stderr)
+            print(exposure_warning(args.host, ui_of(args)), file=sys.stderr)
         print(dry_run(args, extra_worker_args))
         return 0
     try:
         stack = start_stack(args.model_path, model_base=args.model_base, model_name=args.model_name,
                             device=args.device, host=args.host, web=not args.no_web,
+                            ui="legacy" if args.legacy_ui else "feallm", ui_python=args.ui_python,
                             controller_port=args.controller_port, worker_port=args.worker_port,
                             web_port=args.web_port, log_dir=args.log_dir, extra_worker_args=extra_worker_args)
     except StackError as err:
