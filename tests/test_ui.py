@@ -322,11 +322,58 @@ def test_ui_environment_builds_the_page_without_torch():
     assert subprocess.run([str(UI_PYTHON), "-c", "import torch"], capture_output=True, timeout=120).returncode != 0
 
 
-def test_bootstrap_takes_the_ui_env_and_keeps_gradio_4_opt_in():
-    script = (ROOT / "launch/bootstrap.sh").read_text()
-    legacy_step = script[script.index("# -- --legacy-ui"):]
-    assert script.count('"gradio==4.16.0"') == 1 and '"gradio==4.16.0"' in legacy_step
-    assert "-r launch/requirements-ui.txt" in script and "--no-deps -e ." in script
+def _stub_venv(root: Path) -> tuple[Path, Path]:
+    """A venv whose python records each pip call (nothing is installed) and has no gradio."""
+    log = root / "pip.log"
+    (root / "bin").mkdir(parents=True)
+    (root / "site").mkdir()
+    python = root / "bin" / "python"
+    python.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = -m ]; then shift 2; echo "$*" >> {log}; exit 0; fi
+case "$2" in *sysconfig*) echo {root / "site"} ;; *) exit 1 ;; esac
+""")
+    python.chmod(0o755)
+    return root, log
+
+
+def _bootstrap(*argv: str, **env: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in ("FEALLM_EXTRAS", "FEALLM_VENV", "FEALLM_UI_VENV")}
+    proc = subprocess.run(["bash", str(ROOT / "launch/bootstrap.sh"), *argv], env={**full, **env},
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_bootstrap_installs_gradio_4_only_with_legacy_ui_and_each_step_once(tmp_path):
+    venv, log = _stub_venv(tmp_path / "venv")
+    _bootstrap(FEALLM_VENV=str(venv))
+    calls = log.read_text()
+    assert "-e .[test,serve]" in calls and "gradio" not in calls and "legacy-ui" not in calls
+    assert (venv / "site" / "feallm_llava_autoload.pth").exists()
+
+    legacy = _bootstrap("--legacy-ui", FEALLM_VENV=str(venv))
+    added = log.read_text()[len(calls):]
+    assert "-e .[test,serve,legacy-ui]" in added and "--no-deps gradio==4.16.0" in added
+    assert "torch" not in added  # the stack itself was up to date
+    assert "WARNING" in legacy.stderr and "GHSA-j36p-7w88-g82j" in legacy.stderr
+
+    before = log.read_text()
+    again = _bootstrap("--legacy-ui", FEALLM_VENV=str(venv))
+    plain = _bootstrap(FEALLM_VENV=str(venv))
+    assert log.read_text() == before and "up to date" in again.stdout and "up to date" in plain.stdout
+
+
+def test_bootstrap_ui_env_installs_the_pinned_ui_requirements_and_this_package_without_deps(tmp_path):
+    venv, log = _stub_venv(tmp_path / "venv-ui")
+    _bootstrap("--env", "ui", FEALLM_UI_VENV=str(venv))
+    assert log.read_text().splitlines() == ["install -q -r launch/requirements-ui.txt", "install -q --no-deps -e ."]
+    assert "up to date" in _bootstrap("--env", "ui", FEALLM_UI_VENV=str(venv)).stdout
+    lines = (ROOT / "launch/requirements-ui.txt").read_text().splitlines()
+    names = {line.split("==")[0].strip() for line in lines if line.strip() and not line.startswith("#")}
+    assert "gradio" in names and not names & {"torch", "transformers", "llava-torch", "huggingface-hub"}
+
+
+def test_bootstrap_refuses_unknown_choices_and_venv_dirs_are_ignored():
     for argv, code in ((["--env", "bogus"], 2), (["--env", "ui", "--legacy-ui"], 2), (["--help"], 0)):
         proc = subprocess.run(["bash", str(ROOT / "launch/bootstrap.sh"), *argv], capture_output=True, text=True,
                               timeout=60, check=False)

@@ -6,7 +6,8 @@ Chromium against both backends:
   tab boxes the astronaut's face and lists an expression and the 12 AUs; a corrupt upload
   gets a message;
 - an OpenAI-compatible server (the scripted `testing.fake_openai`, streaming): the same
-  chat, an analysis whose answers the parser reads (Happiness, AU6 + AU12), the CSV.
+  chat, an analysis whose answers the parser reads (Happiness, AU6 + AU12), the CSV; an
+  upload over the size limit and a file that is no image get Gradio's own messages.
 
 The tiny checkpoint is untrained (its answers are noise), so against the stack the tests
 check the machinery, and against the scripted server what the page makes of real answers.
@@ -20,6 +21,7 @@ import io
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -64,7 +66,8 @@ def openai_ui(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui-openai")
     with start_fake_openai(scripted, stream_interval=0.05) as server:
         ui = serve.start_ui(None, tmp, _env(tmp), python=str(UI_PYTHON),
-                            extra_args=["--base-url", server.base_url, "--model", "feallm", "--api-key", "k"])
+                            extra_args=["--base-url", server.base_url, "--model", "feallm", "--api-key", "k",
+                                        "--max-upload-mb", "1"])
         try:
             serve.wait_web(ui)
             yield server, ui
@@ -82,6 +85,9 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     Image.fromarray(data.astronaut()).save(folder / "astronaut.png")
     Image.open(serve_example_rows()[0][0]).save(folder / "face.png")   # the synthetic face
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 20)
+    (folder / "notes.txt").write_text("not a photo")
+    noise = np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "big.png")   # ~1.9 MB: over the openai_ui's 1 MB limit
     return {p.stem: p for p in folder.iterdir()}
 
 
@@ -236,3 +242,13 @@ def test_analyze_through_an_openai_compatible_server_reads_the_answers(openai_ui
     lines = requests.get(link, timeout=30).text.splitlines()
     assert lines[0].split(",") == list(COLUMNS) and len(lines) == 2
     screenshot(browser, tmp_path / "ui_analyze.png", "ui_analyze.png")
+
+
+def test_oversize_and_non_image_uploads_are_refused_with_a_message(openai_ui, browser, photos):
+    _server, ui = openai_ui
+    for name, message in (("big", "exceed the maximum allowed size of 1.0 Mb"), ("notes", "Invalid file type")):
+        open_page(browser, ui.url, "Analyze")
+        until(lambda: browser.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"),
+              what="the photo box")[0].send_keys(str(photos[name]))
+        until(lambda: message in browser.find_element(By.TAG_NAME, "body").text, every=0.05, what=message)
+    assert not browser.find_element(By.CSS_SELECTOR, "#face_report").text.strip()  # nothing was analysed

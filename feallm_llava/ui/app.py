@@ -14,7 +14,8 @@ torch); `launch/serve.sh` starts it next to upstream's controller and worker.
   crop asked the FER, AU and reasoning questions, answers read with FEALLM's parser:
   the photo with boxes, per face the expression, the AUs with their FACS names and the
   reasoning, and the rows as CSV (`serve.analyze.COLUMNS`). A file that is not a usable
-  image (corrupt, empty, a decompression bomb) gives a message, not a crash.
+  image (corrupt, empty, a decompression bomb) gives the loader's reason, not a crash; an
+  upload over --max-upload-mb, or of a file without an image type, Gradio's own message.
 
 Safety defaults: binds 127.0.0.1 (another --host prints `EXPOSURE_WARNING`); uploads over
 --max-upload-mb are refused; --concurrency requests run at once, --queue-size wait.
