@@ -76,6 +76,30 @@ def until(fn, timeout: float = WAIT, every: float = 0.1, what: str = "the condit
     raise AssertionError(f"{what} not reached within {timeout:.0f} s")
 
 
+RECORD_ANSWER = """
+const chat = document.querySelector('#chatbot'), before = chat.querySelectorAll('[data-testid=bot]').length;
+window.feallmStates = []; window.feallmChanged = Date.now();
+new MutationObserver(() => {
+  const bots = chat.querySelectorAll('[data-testid=bot]');
+  const text = bots.length > before ? bots[bots.length - 1].innerText.trim() : '';
+  const states = window.feallmStates;
+  if (text && states[states.length - 1] !== text) { states.push(text); window.feallmChanged = Date.now(); }
+}).observe(chat, {subtree: true, childList: true, characterData: true});
+"""
+
+
+def record_answer(browser) -> None:
+    """From now on the page itself records every distinct text of the next answer bubble
+    in `#chatbot` (a polling test misses the states of an answer that streams fast)."""
+    browser.execute_script(RECORD_ANSWER)
+
+
+def recorded_answer(browser) -> tuple[list[str], float]:
+    """(the texts recorded since `record_answer`, ms since the last change)."""
+    states, still_ms = browser.execute_script("return [window.feallmStates, Date.now() - window.feallmChanged]")
+    return list(states), float(still_ms)
+
+
 def keep_screenshot(shot: Path, name: str | None = None, colours: int | None = None) -> Path | None:
     """Copy `shot` into $FEALLM_SCREENSHOT_DIR when set (as `name`); with `colours`, as a
     palette PNG of that many colours (a page shot shrinks to a fraction of its size)."""

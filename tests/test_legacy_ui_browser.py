@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from feallm_llava.serve import stack as serve
-from tests.browser import browser, keep_screenshot, running, skip_without_chromium, until  # noqa: F401 (fixture)
+from tests.browser import (browser, keep_screenshot, record_answer, recorded_answer, running,  # noqa: F401
+                           skip_without_chromium, until)
 
 if importlib.util.find_spec("gradio") is None:
     pytest.skip("upstream's UI is opt-in: gradio 4.16.0 is not installed (bash launch/bootstrap.sh --legacy-ui)",
@@ -57,18 +58,14 @@ def test_chat_page_streams_the_workers_answer_about_an_uploaded_face(served, bro
     browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(face))
     textbox = until(lambda: browser.find_elements(By.CSS_SELECTOR, "textarea[placeholder^='Enter text']"))[0]
     textbox.send_keys(QUESTION)
+    record_answer(browser)
     next(b for b in browser.find_elements(By.CSS_SELECTOR, "button") if b.text.strip() == "Send").click()
 
-    states: list[str] = []  # every distinct text of the answer bubble, as the user saw it
+    def answered() -> list[str] | None:   # every distinct text of the answer bubble, as the user saw it
+        states, _ = recorded_answer(browser)
+        return states if states and not states[-1].endswith(CURSOR) else None
 
-    def answered() -> bool:
-        bubbles = browser.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]")
-        text = bubbles[-1].text if bubbles else ""
-        if text and (not states or states[-1] != text):
-            states.append(text)
-        return bool(text) and not text.endswith(CURSOR)
-
-    until(answered)
+    states = until(answered)
     shot = tmp_path / "gradio_answer.png"
     browser.save_screenshot(str(shot))
     keep_screenshot(shot)

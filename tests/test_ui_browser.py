@@ -30,7 +30,8 @@ from feallm_llava.serve import stack as serve
 from feallm_llava.serve.analyze import COLUMNS
 from feallm_llava.serve.annotate_png import PALETTE
 from feallm_llava.testing.fake_openai import start_fake_openai
-from tests.browser import browser, keep_screenshot, running, skip_without_chromium, until  # noqa: F401 (fixture)
+from tests.browser import (browser, keep_screenshot, record_answer, recorded_answer, running,  # noqa: F401
+                           skip_without_chromium, until)
 from tests.test_ui import UI_PYTHON, NO_UI_ENV, scripted
 
 skip_without_chromium()
@@ -103,26 +104,27 @@ def open_page(browser, url: str, tab: str = "Chat") -> str:
     return model
 
 
+QUIET_S = 1.5  # an answer is complete once the send button is back and the bubble kept still this long
+
+
 def ask(browser, image: Path, question: str) -> list[str]:
-    """Upload `image` in the chat box, send `question`; every distinct text of the answer
-    bubble until the answer is complete (the send button is back)."""
+    """Upload `image` in the chat box, send `question`; every distinct text the answer
+    bubble showed (recorded in the page on each change, however fast the answer streams),
+    once the answer is complete."""
     until(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat_input input[type=file]"),
           what="the chat box")[0].send_keys(str(image))
     until(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat_input img"), what="the upload's thumbnail")
     browser.find_element(By.CSS_SELECTOR, "#chat_input textarea").send_keys(question)
+    record_answer(browser)
     browser.find_element(By.CSS_SELECTOR, "#chat_input [data-testid=submit-button]").click()
-    states: list[str] = []
 
-    def done() -> bool:
-        bubbles = browser.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]")
-        text = bubbles[-1].text if bubbles else ""
-        if text and (not states or states[-1] != text):
-            states.append(text)
+    def done() -> list[str] | None:
+        states, still_ms = recorded_answer(browser)
         send = browser.find_elements(By.CSS_SELECTOR, "#chat_input [data-testid=submit-button]")
-        return bool(text) and any(b.is_displayed() for b in send)
+        complete = states and still_ms >= QUIET_S * 1000 and any(b.is_displayed() for b in send)
+        return list(states) if complete else None
 
-    until(done, every=0.05, what="the whole answer")
-    return states
+    return until(done, every=0.1, what="the whole answer")
 
 
 def analyze(browser, photo: Path) -> str:
