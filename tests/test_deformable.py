@@ -180,3 +180,45 @@ def test_deformable_attention_runs_in_bf16_and_keeps_its_dtype():
     out = attn.to(torch.bfloat16)(query.bfloat16(), (2, 3), value.bfloat16(), [(2, 3), (2, 3)])
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.1)
+
+
+@pytest.mark.parametrize("shapes", [[(4, 4), (4, 4)], [(3, 5), (3, 5), (3, 5)]])
+def test_ms_deform_attn_matches_naive_when_levels_share_a_shape(shapes):
+    """One shape for every level: sizes are plain numbers in the index arithmetic."""
+    value, spatial, locations, weights = random_inputs(n=3, shapes=shapes, seed=5)
+    got = ms_deform_attn(value, spatial, locations, weights)
+    torch.testing.assert_close(got.double(), naive_ms_deform_attn(value, spatial, locations, weights),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_ms_deform_attn_made_under_inference_mode_then_differentiated():
+    """Constants are cached across calls: one made in inference mode must not break autograd."""
+    value, spatial, locations, weights = random_inputs(seed=6)
+    with torch.inference_mode():
+        ms_deform_attn(value, spatial, locations, weights)
+    value.requires_grad_()
+    ms_deform_attn(value, spatial, locations.requires_grad_(), weights).sum().backward()
+    assert value.grad.abs().sum() > 0 and locations.grad.abs().sum() > 0
+
+
+def test_deformable_attention_takes_levels_as_a_list_or_concatenated():
+    torch.manual_seed(0)
+    attn = DeformableAttention(8, 6, 8, heads=2, levels=2, points=2)
+    torch.nn.init.normal_(attn.to_out.weight)
+    query = torch.randn(2, 6, 8)
+    levels = [torch.randn(2, 6, 6), torch.randn(2, 4, 6)]
+    shapes = [(2, 3), (2, 2)]
+    torch.testing.assert_close(attn(query, (2, 3), levels, shapes),
+                               attn(query, (2, 3), torch.cat(levels, 1), shapes), atol=1e-6, rtol=1e-6)
+
+
+def test_deformable_attention_adds_into_a_scaled_residual():
+    torch.manual_seed(0)
+    attn = DeformableAttention(8, 8, 8, heads=2, levels=1, points=2)
+    torch.nn.init.normal_(attn.to_out.weight)
+    query, value, residual = torch.randn(2, 6, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    scale = torch.tensor([0.3])
+    plain = attn(query, (2, 3), value, [(2, 3)])
+    fused = attn(query, (2, 3), value, [(2, 3)], residual=residual, scale=scale)
+    torch.testing.assert_close(fused, residual + scale * plain, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(attn(query, (2, 3), value, [(2, 3)], residual=residual), residual + plain)

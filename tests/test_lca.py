@@ -123,3 +123,35 @@ def test_pooling_to_a_grid_keeps_the_layout_inside_each_crop():
 def test_lca_pool_is_validated_against_the_feature_map(pool, crop, message):
     with pytest.raises(ValueError, match=message):
         FeallmConfig(**{**TINY, "crop_size": crop, "lca_pool": pool})
+
+
+def test_conv_stem_in_cpu_blocks_equals_one_pass():
+    from feallm_llava.model.lca import ConvStem
+
+    torch.manual_seed(0)
+    stem = ConvStem(16, 3, 4)
+    crops = torch.randn(7, 3, 32, 32)
+    whole = stem(crops)  # 7 crops of 16 x 16 x 16 fp32 = 16 KB each: one block
+    stem.CPU_BLOCK_BYTES = 3 * 16 * 16 * 16 * 4  # blocks of 3, 3, 1
+    torch.testing.assert_close(stem(crops), whole, atol=1e-5, rtol=1e-5)  # conv kernels differ by batch size
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_attention_over_few_keys_equals_the_plain_route(residual):
+    """576 patches over 16 local clues: the folded route (heads x keys < attn_dim) is the
+    same function as sdpa between the projections."""
+    from feallm_llava.model.lca import MultiHeadAttention
+
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(24, heads=2, attn_dim=16).double()  # 2 heads x 3 keys < 16
+    x, context = torch.randn(2, 10, 24, dtype=torch.float64), torch.randn(2, 3, 24, dtype=torch.float64)
+    k = attn.to_k(context).view(2, 3, 2, -1).transpose(1, 2)
+    v = attn.to_v(context).view(2, 3, 2, -1).transpose(1, 2)
+    q = attn.to_q(x).view(2, 10, 2, -1).transpose(1, 2)
+    plain = attn.to_out(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 10, -1))
+    scale = torch.tensor([0.7], dtype=torch.float64)
+    if residual:
+        base = torch.randn(2, 10, 24, dtype=torch.float64)
+        torch.testing.assert_close(attn(x, context, residual=base, scale=scale), base + scale * plain)
+    else:
+        torch.testing.assert_close(attn(x, context), plain)

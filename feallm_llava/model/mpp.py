@@ -98,16 +98,15 @@ class MultiPerspectiveProjector(nn.Module):
                     f"MultiPerspectiveProjector: built for {self.levels} shallow layers "
                     f"{list(self.cfg.shallow_layers)}, got {len(shallow)}"
                 )
-            values = torch.cat(
-                [norm(s) for norm, s in zip(self.shallow_norms, shallow)], dim=1
-            )  # (B, L*N, C), levels concatenated
-            x = x + self.shallow_attn(self.query_norm(x), grid, values, [grid] * self.levels)
+            values = [norm(s) for norm, s in zip(self.shallow_norms, shallow)]  # L x (B, N, C)
+            # x + attention: the output projections accumulate into x (model/fused.py)
+            x = self.shallow_attn(self.query_norm(x), grid, values, [grid] * self.levels, residual=x)
             if self.uses_local:
                 if local_keys is None:
                     raise ValueError(
                         "MultiPerspectiveProjector: built with use_local_in_mpp but got no F'_local"
                     )
-                x = x + self.local_scale * self.local_attn(self.local_norm(x), local_keys)
+                x = self.local_attn(self.local_norm(x), local_keys, residual=x, scale=self.local_scale)
             n = self.self_norm(x)
-            x = x + self.self_scale * self.self_attn(n, grid, n, [grid])  # (B, N, C)
+            x = self.self_attn(n, grid, n, [grid], residual=x, scale=self.self_scale)  # (B, N, C)
         return self.mlp(x)  # (B, N, llm_hidden)

@@ -1,0 +1,47 @@
+"""feallm_llava/model/fused.py: a residual update as one matmul, and its ZeRO-3 fallback."""
+
+from __future__ import annotations
+
+import torch
+
+from feallm_llava.model.fused import add_projection, fusable
+
+
+def test_add_projection_is_residual_plus_scaled_linear():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(5, 7)
+    residual, heads = torch.randn(2, 3, 7), torch.randn(2, 3, 5)
+    scale = torch.tensor([0.4])
+    torch.testing.assert_close(add_projection(residual, heads, linear, scale), residual + scale * linear(heads))
+    torch.testing.assert_close(add_projection(residual, heads, linear), residual + linear(heads))
+
+
+def test_add_projection_at_scale_zero_returns_the_residual_exactly():
+    linear = torch.nn.Linear(5, 7)
+    residual = torch.randn(2, 3, 7)
+    assert torch.equal(add_projection(residual, torch.randn(2, 3, 5), linear, torch.zeros(1)), residual)
+
+
+def test_add_projection_gradients_equal_the_unfused_ones():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(5, 7)
+    scale = torch.tensor([0.4], requires_grad=True)
+    residual, heads = torch.randn(2, 3, 7, requires_grad=True), torch.randn(2, 3, 5, requires_grad=True)
+    grads = []
+    for fn in (lambda: add_projection(residual, heads, linear, scale), lambda: residual + scale * linear(heads)):
+        params = [residual, heads, scale, linear.weight, linear.bias]
+        grads.append(torch.autograd.grad(fn().square().sum(), params))
+    for fused, plain in zip(*grads):
+        torch.testing.assert_close(fused, plain)
+
+
+def test_weights_partitioned_by_deepspeed_zero3_are_not_read_outside_their_module():
+    linear = torch.nn.Linear(5, 7)
+    assert fusable(linear)
+    linear.weight.ds_id = 3  # what ZeRO-3 leaves on a partitioned parameter
+    calls = []
+    linear.register_forward_hook(lambda *args: calls.append(1))
+    residual, heads = torch.randn(2, 7), torch.randn(2, 5)
+    assert not fusable(linear)
+    torch.testing.assert_close(add_projection(residual, heads, linear), residual + linear(heads))
+    assert calls  # the module itself ran (its hooks gather the weight)
