@@ -98,8 +98,15 @@ def pinned() -> dict:
     return torch.load(DATA, weights_only=True)
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_projector_outputs_equal_the_pinned_ones(case, pinned):
+def test_projector_outputs_equal_the_pinned_ones(case, onednn, pinned, monkeypatch):
+    """Both CPU kernels of the MPP's linear layers (model/fused.py) give the pinned outputs."""
+    from feallm_llava.model import fused
+
+    if onednn and not fused.onednn_available():
+        pytest.skip("oneDNN's linear is not available in this torch")
+    monkeypatch.setattr(fused, "_ONEDNN", onednn)
     got = compute(case)
     want = pinned[case]
     assert set(got) == set(want)
@@ -116,6 +123,16 @@ def test_pinned_case_exercises_every_branch_and_the_map_edges():
         assert projector.lca.to_keys.weight.abs().sum() > 0 and mpp.shallow_attn.to_out.weight.abs().sum() > 0
         offsets = mpp.shallow_attn.to_offsets(mpp.query_norm(features.deep)).abs()
         assert (offsets > 2).any() and (offsets < 0.5).any()  # some points leave the 4 x 6 map
+
+
+def test_projector_with_autograd_computes_the_inference_function():
+    """Training takes the unfused modules (F.linear, autograd); inference the fused path."""
+    projector, features = build("tiny")
+    with torch.no_grad():
+        inference = projector(features)
+    training = projector(features)
+    assert training.requires_grad
+    torch.testing.assert_close(training.detach(), inference, rtol=RTOL, atol=ATOL)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from feallm_llava.model.fused import add_projection
+from feallm_llava.model.fused import add_projection, linear
 
 FusedKernel = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -309,18 +309,18 @@ class DeformableAttention(nn.Module):
             )
         m, lv, p = self.heads, self.levels, self.points
         if isinstance(value, Tensor):
-            v = self.value_in(value)  # (B, S, attn_dim)
+            v = linear(value, self.value_in)  # (B, S, attn_dim)
         else:  # project each level, then concatenate the narrow projections
-            v = torch.cat([self.value_in(level) for level in value], dim=1)  # (B, S, attn_dim)
+            v = torch.cat([linear(level, self.value_in) for level in value], dim=1)  # (B, S, attn_dim)
         v = v.view(b, v.shape[1], m, self.head_dim)  # (B, S, M, Dh)
 
         # Locations in fp32 whatever the module dtype: in bf16 a [0, 1] coordinate keeps
         # only ~3 significant digits, i.e. ~0.1 cell on a 24x24 map.
         shapes = tuple((int(h), int(w)) for h, w in value_shapes)
         ref, cells = _grid_constants((gh, gw), shapes, query.device)  # (Lq, 1, 1, 1, 2); (L, 1, 2) or a number
-        offsets = self.to_offsets(query).view(b, lq, m, lv, p, 2).float()
+        offsets = linear(query, self.to_offsets).view(b, lq, m, lv, p, 2).float()
         locations = offsets / cells + ref  # offsets are in cells of each level
-        weights = self.to_weights(query).view(b, lq, m, lv * p).softmax(-1).view(b, lq, m, lv, p)
+        weights = linear(query, self.to_weights).view(b, lq, m, lv * p).softmax(-1).view(b, lq, m, lv, p)
 
         # The pure-PyTorch path reads the shapes on the host: keep them there unless a
         # fused kernel for this device wants them next to the data (avoids a GPU sync).

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from feallm_llava.model.config import CROP_TYPES, FeallmConfig
-from feallm_llava.model.fused import add_projection, fusable
+from feallm_llava.model.fused import add_projection, batched_matmul, fusable, linear
 
 # Directions of each crop family, in the order their regions are stacked.
 DIRECTIONS: dict[str, tuple[str, ...]] = {
@@ -134,8 +134,8 @@ class MultiHeadAttention(nn.Module):
         context = x if context is None else context
         b, n, _ = x.shape
         keys = context.shape[1]
-        k = self.to_k(context).view(b, keys, self.heads, -1).transpose(1, 2)  # (B, h, K, d)
-        v = self.to_v(context).view(b, keys, self.heads, -1).transpose(1, 2)
+        k = linear(context, self.to_k).view(b, keys, self.heads, -1).transpose(1, 2)  # (B, h, K, d)
+        v = linear(context, self.to_v).view(b, keys, self.heads, -1).transpose(1, 2)
         if self.heads * keys < self.to_q.out_features and keys < n and fusable(self.to_q, self.to_out):
             return self._few_keys(x, k, v, residual, scale)
         q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, h, N, d)
@@ -155,17 +155,16 @@ class MultiHeadAttention(nn.Module):
         b, n, _ = x.shape
         heads, keys, d = k.shape[1:]
         wq = self.to_q.weight.view(heads, d, -1)  # (h, d, dim)
-        kq = torch.einsum("bhjd,hdc->bchj", k, wq).reshape(b, -1, heads * keys) * d ** -0.5  # (B, dim, h*K)
-        bias = torch.einsum("bhjd,hd->bhj", k, self.to_q.bias.view(heads, d)).reshape(b, 1, heads * keys) * d ** -0.5
-        probs = torch.baddbmm(bias, x, kq).view(b, n, heads, keys).softmax(-1)  # (B, N, h, K)
+        kq = torch.einsum("bhjd,hdc->bhjc", k, wq).reshape(b, heads * keys, -1) * d ** -0.5  # (B, h*K, dim)
+        bias = torch.einsum("bhjd,hd->bhj", k, self.to_q.bias.view(heads, d)).reshape(b, heads * keys) * d ** -0.5
+        probs = batched_matmul(x, kq, bias).view(b, n, heads, keys).softmax(-1)  # (B, N, h, K)
         wo = self.to_out.weight.view(-1, heads, d)  # (dim, h, d)
         if scale is not None:
             wo = wo * scale
-        vo = torch.einsum("bhjd,chd->bhjc", v, wo).reshape(b, heads * keys, -1)  # (B, h*K, dim)
+        vo = torch.einsum("bhjd,chd->bchj", v, wo).reshape(b, -1, heads * keys)  # (B, dim, h*K)
         out_bias = self.to_out.bias if scale is None else self.to_out.bias * scale
-        if residual is None:
-            return torch.baddbmm(out_bias, probs.view(b, n, heads * keys), vo)  # (B, N, dim)
-        return (residual + out_bias).baddbmm_(probs.view(b, n, heads * keys), vo)
+        out = batched_matmul(probs.view(b, n, heads * keys), vo, out_bias)  # (B, N, dim)
+        return out if residual is None else out.add_(residual)
 
 
 class ConvStem(nn.Sequential):
