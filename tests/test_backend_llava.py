@@ -72,6 +72,39 @@ def test_a_batch_with_padding_gives_the_answers_of_batch_1(backend, items):
     assert backend.generate(batch) == [backend.generate([i])[0] for i in batch]
 
 
+def test_padded_batch_builds_its_masks_without_vmap(backend, items, monkeypatch):
+    """Compat shim padded_batch_mask: transformers' sdpa_mask vmaps a mask function four
+    times at every decoding step (~1.6 ms on CPU); the shim builds the same masks by
+    broadcasting, for the plain causal mask with padding that LLaMA asks for."""
+    import itertools
+
+    from transformers import masking_utils
+
+    from feallm_llava.integration.marks import is_marked, original_of
+
+    assert is_marked(masking_utils.sdpa_mask, "padded_batch_mask")
+    assert masking_utils.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is masking_utils.sdpa_mask
+    original = original_of(masking_utils.sdpa_mask)
+    for batch, q, kv, offset, padded, skip in itertools.product([1, 3], [1, 4], [4, 9], [0, 2], [None, False, True],
+                                                                 [True, False]):
+        mask = None if padded is None else torch.ones(batch, kv + offset, dtype=torch.bool)
+        if padded:
+            for row in range(batch):
+                mask[row, :row + 1] = False  # left padding, another length per row
+        kwargs = dict(batch_size=batch, cache_position=torch.arange(kv - q, kv) + offset, kv_length=kv,
+                      kv_offset=offset, attention_mask=mask, allow_is_causal_skip=skip)
+        want, got = original(**kwargs), masking_utils.sdpa_mask(**kwargs)
+        assert (want is None and got is None) or (want.dtype == got.dtype and torch.equal(want, got)), kwargs
+
+    vmapped = []
+    real = masking_utils._vmap_for_bhqkv
+    monkeypatch.setattr(masking_utils, "_vmap_for_bhqkv", lambda *a, **k: vmapped.append(1) or real(*a, **k))
+    batch = items[:4]
+    assert len({backend.prompt_length(i) for i in batch}) > 1  # padded
+    assert backend.generate(batch) == [backend.generate([i])[0] for i in batch]
+    assert vmapped == []
+
+
 def test_right_padding_would_change_the_answers(backend, items):
     """Why the backend sets tokenizer_padding_side='left': upstream's default ('right')
     leaves short rows ending in padding, and generation continues after it."""

@@ -1,18 +1,22 @@
 """Throughput of the LLaVA eval runner: batched (left-padded) vs one item at a time.
 
-    python -m feallm_llava.bench throughput [--items 32] [--batch-size 8] [--max-new-tokens 32]
+    python -m feallm_llava.bench throughput [--items 32] [--batch-size 8 [16 32 ...]]
+                                            [--max-new-tokens 32] [--set crop_size=24 ...]
 
 Builds (or reuses) the offline tiny kit and a tiny LLaVA checkpoint per projector type,
-answers the same synthetic face items with `LlavaBackend` at batch 1 and at
+answers the same synthetic face items with `LlavaBackend` at batch 1 and at each
 `--batch-size`, checks that the greedy answers are identical, and prints one JSON line
-per projector: items/s at each batch size and their ratio (best of `--repeats` runs), and
-the ratio of this process's CPU time, which a busy shared machine disturbs less.
+per projector and prompt kind: items/s at each batch size and the ratios to batch 1
+(best of `--repeats` runs), and the ratios of this process's CPU time, which a busy
+shared machine disturbs less. The last line is the verdict: `feallm` with sampled
+(padded) prompts at the first batch size, against the target of 4x.
 
 Two projectors are measured by default: `mlp2x_gelu` (upstream LLaVA-1.5's; the runner's
-batching alone) and `feallm` (LCA + MPP at the paper's defaults). On a CPU the FEALLM
-projector's LCA conv block (16 crops of 112 px per image) is compute-bound work that
-grows linearly with the batch, so batching speeds it up far less than the generation
-loop; the two lines separate the runner from the model.
+batching alone) and `feallm` (LCA + MPP at the paper's defaults, `--set` changes
+them). On a CPU the FEALLM projector's LCA conv block (16 crops of 112 px per image, on
+the kit's 56 px faces: 1.4 GFLOP an image) is compute-bound work that grows linearly
+with the batch, so batching speeds it up far less than the generation loop; the two
+lines separate the runner from the model.
 
 `--threads` sets torch's intra-op threads (default 1): on a shared CPU, more threads
 than free cores makes tiny kernels wait on each other and hides the batching effect.
@@ -31,12 +35,16 @@ from pathlib import Path
 
 EXAMPLES = """\
   python -m feallm_llava.bench throughput
-  python -m feallm_llava.bench throughput --projector feallm --prompts sampled --batch-size 16"""
+  python -m feallm_llava.bench throughput --projector feallm --prompts sampled --batch-size 8 16 32
+  python -m feallm_llava.bench throughput --projector feallm --set crop_size=24 --set lca_pool=2"""
+
+TARGET = 4.0  # items/s at batch 8 over batch 1, feallm with sampled (padded) prompts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", type=int, default=32, help="items answered at each batch size")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[8],
+                        help="batch size(s) compared with batch 1 (default: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--projector", action="append", choices=["mlp2x_gelu", "feallm"],
                         help="projector type(s) to measure (repeatable; default both)")
@@ -44,10 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one fixed question (unpadded batches) or questions sampled from the "
                              "templates (mixed lengths; repeatable; default both)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per batch size; the best counts")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed passes per batch size, the sizes in turn; the best counts")
     parser.add_argument("--kit-dir", type=Path, default=None,
                         help="where the tiny kit is built/cached (default: a temporary directory)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="build the feallm checkpoint with this FeallmConfig field, e.g. --set crop_size=24 "
+                             "(repeatable; default: the paper's configuration)")
 
 
 def _items(directory: Path, n: int, prompts: str):
@@ -76,39 +88,59 @@ def _items(directory: Path, n: int, prompts: str):
     return items
 
 
-def _timed(backend, items, batch_size: int, repeats: int) -> tuple[float, float, dict[str, str]]:
-    """(best wall seconds, best CPU seconds of this process, answers) over `repeats` runs."""
-    backend.generate(items[:batch_size])  # warm-up (first-call allocations)
-    walls, cpus = [], []
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        answers = {item.id: text for item, text in backend.answer(items, batch_size=batch_size)}
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return min(walls), min(cpus), answers
+def _timed(backend, items, batch_size: int) -> tuple[float, float, dict[str, str]]:
+    """(wall seconds, CPU seconds of this process, answers) of one pass over `items`."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    answers = {item.id: text for item, text in backend.answer(items, batch_size=batch_size)}
+    return time.perf_counter() - wall, time.process_time() - cpu, answers
 
 
 def _measure(backend, items, args: argparse.Namespace) -> dict:
-    t1, c1, single = _timed(backend, items, 1, args.repeats)
-    tb, cb, batched = _timed(backend, items, args.batch_size, args.repeats)
-    plan = backend._plan(items, args.batch_size)
-    return {
-        "batches": len(plan),
-        "padded_batches": sum(len({backend.prompt_length(i) for i in batch}) > 1 for batch in plan),
-        "items": len(items), "max_new_tokens": args.max_new_tokens,
-        "threads": args.threads, "device": args.device,
-        "items_per_s_batch1": round(len(items) / t1, 3),
-        f"items_per_s_batch{args.batch_size}": round(len(items) / tb, 3),
-        "speedup": round(t1 / tb, 2),
-        "speedup_cpu_time": round(c1 / cb, 2),
-        "same_answers": single == batched,
-    }
+    """Best of `--repeats` passes per batch size, the sizes taken in turn within each repeat
+    (background load and the allocator's state then reach every size alike), after an
+    untimed pass at each size (first-call allocations, kernels chosen per shape)."""
+    sizes = [1, *args.batch_size]
+    walls: dict[int, list[float]] = {size: [] for size in sizes}
+    cpus: dict[int, list[float]] = {size: [] for size in sizes}
+    answers: dict[int, dict[str, str]] = {}
+    for size in sorted(sizes, reverse=True):
+        _timed(backend, items, size)
+    for _ in range(args.repeats):
+        for size in sizes:
+            wall, cpu, answers[size] = _timed(backend, items, size)
+            walls[size].append(wall)
+            cpus[size].append(cpu)
+    t1, c1 = min(walls[1]), min(cpus[1])
+    out = {"items": len(items), "max_new_tokens": args.max_new_tokens, "threads": args.threads,
+           "device": args.device, "items_per_s_batch1": round(len(items) / t1, 3)}
+    for size in args.batch_size:
+        plan = backend._plan(items, size)
+        out.update({
+            f"batches{size}": len(plan),
+            f"padded_batches{size}": sum(len({backend.prompt_length(i) for i in batch}) > 1 for batch in plan),
+            f"items_per_s_batch{size}": round(len(items) / min(walls[size]), 3),
+            f"speedup{size}": round(t1 / min(walls[size]), 2),
+            f"speedup{size}_cpu_time": round(c1 / min(cpus[size]), 2),
+        })
+    out["same_answers"] = all(answers[size] == answers[1] for size in args.batch_size)
+    return out
+
+
+def verdict(results: list[dict], batch_size: int) -> str:
+    """The one verdict line: feallm with sampled prompts (else the last result) at `batch_size`."""
+    pick = next((r for r in results if (r["projector"], r["prompts"]) == ("feallm", "sampled")), results[-1])
+    ratio = pick[f"speedup{batch_size}"]
+    return (f"{pick['projector']} ({pick['prompts']} prompts) batch {batch_size} / batch 1 = {ratio:.1f}x "
+            f"(target >= {TARGET:.0f}x: {'met' if ratio >= TARGET else 'NOT met'}; CPU time "
+            f"{pick[f'speedup{batch_size}_cpu_time']:.1f}x)")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     import torch
 
+    from feallm_llava.bench.projector import _typed, parse_overrides
     from feallm_llava.inference.llava_runner import LlavaBackend
+    from feallm_llava.model.config import LLAVA_PREFIX
     from feallm_llava.tinykit import build_kit, build_llava
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -117,8 +149,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="feallm-throughput-") as tmp:
         root = args.kit_dir or Path(tmp)
         kit = build_kit(root / "kit")
+        fields = parse_overrides(args.set)  # FeallmConfig fields of the feallm checkpoint
         for projector in args.projector or ["mlp2x_gelu", "feallm"]:
-            checkpoint = build_llava(root / f"tiny-llava-{projector}", kit, projector_type=projector)
+            ours = projector == "feallm"
+            overrides = {LLAVA_PREFIX + k: v for k, v in _typed(fields).items()} if ours else {}
+            suffix = "".join(f"-{k}{v}" for k, v in fields.items()) if ours else ""
+            checkpoint = build_llava(root / f"tiny-llava-{projector}{suffix}", kit, projector_type=projector,
+                                     **overrides)
             backend = LlavaBackend(str(checkpoint), device=args.device, max_new_tokens=args.max_new_tokens)
             for prompts in args.prompts or ["fixed", "sampled"]:
                 items = _items(Path(tmp), args.items, prompts)
@@ -134,6 +171,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
         add_arguments(parser)
         args = parser.parse_args(sys.argv[1:] if args is None else args)
     results = run(args)
+    print(verdict(results, args.batch_size[0]))
     if not all(r["same_answers"] for r in results):
         print("batched greedy answers differ from batch-1 answers", file=sys.stderr)
         return 1

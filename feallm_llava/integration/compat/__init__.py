@@ -8,7 +8,8 @@ so importing this package costs nothing. One module per concern:
 
     training   llava.train.*: trainer and train() on newer transformers, without
                flash-attn or DeepSpeed, seeded
-    loading    llava.model.*: forward() keywords of newer generate(), quantized loading
+    loading    llava.model.*: forward() keywords of newer generate(), quantized loading,
+               padded batches' attention masks without vmap
     serving    the worker's errors with their cause (in its log and its replies), the
                chat page's example images, prompts in the checkpoint's trained template
     scripts    upstream's eval scripts on a machine without CUDA; they and the chat CLI
@@ -30,6 +31,7 @@ from feallm_llava.integration.compat.shim import Shim
 # what breaks without them and where they are needed.
 SHIMS: tuple[Shim, ...] = (
     loading.open_forward,
+    loading.padded_batch_mask,
     training.layernorm_layers,
     training.train_sampler,
     training.save_checkpoint_metrics,
