@@ -6,8 +6,9 @@
 # the LoRA checkpoint with device='cuda' and a generation, then QLoRA stage 2 (the 24 GB
 # route: `--bits 4`, one plain python process on one GPU, no DeepSpeed) and its checkpoint
 # loaded in 4-bit with a generation, upstream's eval script llava.eval.model_vqa_loader on
-# the LoRA checkpoint as LLaVA's scripts call it, then the projector benchmark on the GPU. Prints one
-# PASS/FAIL (or SKIP) line per step; exits 1 when any step fails.
+# the LoRA checkpoint as LLaVA's scripts call it, then the projector and throughput
+# benchmarks on the GPU. Prints one PASS/FAIL (or SKIP) line per step; exits 1 when any
+# step fails.
 #
 #   bash launch/gpu_smoke.sh                  # writes runs/gpu_smoke/
 #   OUT=/tmp/smoke ZERO=3 bash launch/gpu_smoke.sh
@@ -286,13 +287,20 @@ else
   result SKIP vqa "no stage-2 checkpoint"
 fi
 
-# -- projector benchmark on the device ---------------------------------------------------
-# the bench spells its dtypes bfloat16 / float16 / float32 (not bf16)
+# -- benchmarks on the device -----------------------------------------------------------
+# projector: CLIP tower vs mlp2x_gelu vs FEALLM (eager and, on CUDA, replayed from CUDA
+# graphs) at batch 1 and 8; the bench spells its dtypes bfloat16 / float16 / float32
 if ((bf16)); then bench_args=(--device "$DEVICE" --dtype bfloat16)
 elif [ "$DEVICE" != cpu ]; then bench_args=(--device "$DEVICE" --dtype float16)
-else bench_args=(--device cpu --dtype float32 --reps 1 --warmup 0); fi
+else bench_args=(--device cpu --dtype float32 --reps 1 --warmup 1 --batch 1); fi
 step bench "$PY" -m feallm_llava.bench projector "${bench_args[@]}" \
-  && grep -E '^(FEALLM projector|CLIP)' "$OUT/bench.log" | sed 's/^/     | /' || true
+  && grep -E '^(FEALLM projector.* = |CLIP)' "$OUT/bench.log" | sed 's/^/     | /' || true
+# throughput: the eval runner on the tiny kit, batch 8 vs batch 1, feallm, sampled (padded)
+# prompts, in the runner's dtype (float16 on CUDA); fails when batched answers differ
+if [ "$DEVICE" = cpu ]; then tp_args=(--items 16 --repeats 1); else tp_args=(--batch-size 8 16 32); fi
+step throughput "$PY" -m feallm_llava.bench throughput --device "$DEVICE" --projector feallm --prompts sampled \
+    --kit-dir "$OUT" "${tp_args[@]}" \
+  && tail -n 1 "$OUT/throughput.log" | sed 's/^/     | /' || true
 
 elapsed=$(( SECONDS - start_all ))
 if (( elapsed <= BUDGET_S )); then result PASS time "${elapsed}s (budget ${BUDGET_S}s)"

@@ -217,3 +217,23 @@ def test_bench_dispatcher_lists_projector_benchmark():
 
     args = build_parser("projector").parse_args(["projector", "--reps", "3", "--set", "mpp_dim=0"])
     assert set(BENCHMARKS) >= {"projector"} and args.reps == 3 and args.set == ["mpp_dim=0"]
+
+
+def test_bench_verdict_lines():
+    from feallm_llava.bench.projector import mlp_verdict, tower_verdict
+    from feallm_llava.bench.throughput import verdict
+
+    assert mlp_verdict({1: 1.18, 8: 1.21}) == (
+        "FEALLM projector / mlp2x_gelu = 1.21x (target <= 1.25x: met; batch 1: 1.18x, batch 8: 1.21x)")
+    assert "NOT met" in mlp_verdict({1: 1.3})
+    assert tower_verdict(0.585, 0.08, 1, "bfloat16") == (
+        "FEALLM projector / tower = 8.0% at batch 1, bfloat16, CUDA graph (target <= 10%: met; "
+        "eager 58.5%, CUDA graph 8.0%)")
+    results = [{"projector": "mlp2x_gelu", "prompts": "sampled", "speedup8": 5.0, "speedup8_cpu_time": 5.1},
+               {"projector": "feallm", "prompts": "sampled", "speedup8": 4.3, "speedup8_cpu_time": 4.1}]
+    assert verdict(results, 8) == ("feallm (sampled prompts) batch 8 / batch 1 = 4.3x "
+                                   "(target >= 4x: met; CPU time 4.1x)")
+    from feallm_llava.bench.__main__ import build_parser
+
+    args = build_parser("throughput").parse_args(["throughput", "--batch-size", "8", "16", "--set", "crop_size=24"])
+    assert args.batch_size == [8, 16] and args.set == ["crop_size=24"]

@@ -1,16 +1,22 @@
 """Projector cost at real dimensions: CLIP ViT-L/14-336 tower vs upstream mlp2x_gelu vs FEALLM.
 
-    python -m feallm_llava.bench projector [--device cpu] [--dtype float32] [--batch 1]
+    python -m feallm_llava.bench projector [--device cpu] [--dtype float32] [--batch 1 8]
                                           [--reps 5] [--warmup 2] [--threads N]
                                           [--set mpp_dim=0 ...]
 
 The tower is a randomly initialised `CLIPVisionModel` with ViT-L/14-336 dimensions (no
 download; timing does not depend on the weights), run as llava runs it
-(`output_hidden_states=True`). Its hidden states feed the projectors: deep = layer 23
-(llava's -2), shallow = `cfg.shallow_layers`, patch tokens only. LLM width 4096
-(Vicuna-7B). Times are the median of `--reps` forwards under `torch.no_grad` after
-`--warmup` untimed ones, timed round-robin across the modules; wall-clock and process
-CPU time are both printed. Target: FEALLM projector <= 10% of the tower.
+(`output_hidden_states=True`), at the first `--batch` size only; its hidden states feed
+the projectors at every batch size (tiled over the batch): deep = layer 23 (llava's
+-2), shallow = `cfg.shallow_layers`, patch tokens only. LLM width 4096 (Vicuna-7B).
+Times are the median of `--reps` forwards under `torch.no_grad` after `--warmup`
+untimed ones, timed round-robin across the modules; wall-clock and process CPU time are
+both printed. On CUDA the FEALLM projector is also timed replayed from CUDA graphs
+(model/graphs.py; FEALLM_CUDA_GRAPHS=1 turns them on for inference).
+
+Verdicts: FEALLM projector <= 1.25x mlp2x_gelu (the CPU target, fp32, every batch size:
+the worst one counts), and on CUDA FEALLM projector <= 10% of the tower at the first
+batch size (the GPU target, bf16, batch 1).
 
 On a machine shared with other jobs, run with `OMP_WAIT_POLICY=PASSIVE` (or
 `--threads 1`): with OpenMP's default spin-waiting, every small op of the projector
@@ -41,18 +47,20 @@ from feallm_llava.model.projector import FeallmProjector
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LLM_HIDDEN = 4096  # Vicuna-7B / LLaMA-7B hidden size
 DEEP_LAYER = 23  # llava-1.5: mm_vision_select_layer = -2 -> hidden_states[23] of 25
-TARGET = 0.10  # the design's target: projector <= 10% of the tower's forward time
+TARGET = 0.10  # the GPU target: projector <= 10% of the tower's forward time (bf16, batch 1)
+MLP_TARGET = 1.25  # the CPU target: projector <= 1.25x upstream mlp2x_gelu (fp32)
 
 
 EXAMPLES = """\
   python -m feallm_llava.bench projector --threads 2
-  python -m feallm_llava.bench projector --device cuda --dtype bfloat16 --batch 16"""
+  python -m feallm_llava.bench projector --device cuda --dtype bfloat16 --batch 1 16"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--batch", type=int, default=1, help="images per forward (default: 1)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8],
+                        help="images per forward, one or more sizes (default: 1 8)")
     parser.add_argument("--reps", type=int, default=5, help="timed forwards (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards first (default: 2)")
     parser.add_argument("--threads", type=int, default=0,
@@ -125,6 +133,10 @@ def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+TOWER, MLP, FEALLM, LCA, GRAPHED = ("CLIP ViT-L/14-336 tower", "upstream mlp2x_gelu", "FEALLM projector (LCA+MPP)",
+                                    "  of which LCA", "FEALLM projector, CUDA graph")
+
+
 def main(args: argparse.Namespace) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.threads:
@@ -136,41 +148,88 @@ def main(args: argparse.Namespace) -> int:
     grid = (vcfg.image_size // vcfg.patch_size,) * 2  # (24, 24)
     mlp = mlp2x_gelu(vcfg.hidden_size, LLM_HIDDEN).to(device, dtype).eval()
     projector = FeallmProjector(cfg, vcfg.hidden_size, LLM_HIDDEN).to(device, dtype).eval()
-
-    pixels = torch.randn(args.batch, 3, vcfg.image_size, vcfg.image_size, device=device, dtype=dtype)
-    with torch.no_grad():
-        hidden = tower(pixels, output_hidden_states=True).hidden_states  # 25 x (B, 577, 1024)
-        features = TowerFeatures(
-            deep=hidden[DEEP_LAYER][:, 1:],  # (B, 576, 1024), CLS dropped
-            shallow=[hidden[i][:, 1:] for i in cfg.shallow_layers],
-            pixels=pixels,
-            grid=grid,
-        )
-        modules: dict[str, tuple[nn.Module, Callable[[], object]]] = {
-            "CLIP ViT-L/14-336 tower": (tower, lambda: tower(pixels, output_hidden_states=True)),
-            "upstream mlp2x_gelu": (mlp, lambda: mlp(features.deep)),
-            "FEALLM projector (LCA+MPP)": (projector, lambda: projector(features)),
-        }
-        if projector.lca is not None:
-            modules["  of which LCA"] = (projector.lca, lambda: projector.lca(pixels))
-        timings = interleaved_medians({k: fn for k, (_, fn) in modules.items()},
-                                      args.reps, args.warmup, device)
-        tokens = projector(features).shape[1]
+    projector.cuda_graphs = False  # the eager path; the graphed one is timed on its own row
+    params = {TOWER: count(tower), MLP: count(mlp), FEALLM: count(projector), GRAPHED: count(projector)}
+    if projector.lca is not None:
+        params[LCA] = count(projector.lca)
 
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
-    print(f"device={device} dtype={args.dtype} batch={args.batch} reps={args.reps} "
+    print(f"device={device} dtype={args.dtype} batch={' '.join(map(str, args.batch))} reps={args.reps} "
           f"warmup={args.warmup} threads={threads} "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')} grid={grid[0]}x{grid[1]} "
           f"vision_width={vcfg.hidden_size} llm_width={LLM_HIDDEN}")
     print(f"FeallmConfig: {cfg}")
-    print(f"{'module':<28} {'params':>13} {'wall ms':>9} {'/ tower':>8} {'cpu ms':>9} {'/ tower':>8}")
-    tower_t = timings["CLIP ViT-L/14-336 tower"]
-    for name, (module, _) in modules.items():
-        t = timings[name]
-        print(f"{name:<28} {count(module):>13,} {t.wall_s * 1e3:>9.1f} {t.wall_s / tower_t.wall_s:>8.1%} "
-              f"{t.cpu_s * 1e3:>9.1f} {t.cpu_s / tower_t.cpu_s:>8.1%}")
-    ratio = timings["FEALLM projector (LCA+MPP)"].wall_s / tower_t.wall_s
-    print(f"FEALLM projector / tower (wall) = {ratio:.1%} (target <= {TARGET:.0%}: "
-          f"{'met' if ratio <= TARGET else 'NOT met'}); tokens out = {tokens} "
-          f"({grid[0] * grid[1]} MPP + {projector.num_extra_tokens()} local)")
+    first = args.batch[0]
+    pixels = torch.randn(first, 3, vcfg.image_size, vcfg.image_size, device=device, dtype=dtype)
+    mlp_ratios: dict[int, float] = {}
+    tower_ratio = graphed_ratio = None
+    with torch.no_grad():
+        hidden = tower(pixels, output_hidden_states=True).hidden_states  # 25 x (B, 577, 1024)
+        for batch in args.batch:
+            fns = _modules(tower, mlp, projector, hidden, cfg, grid, batch, first, device, dtype)
+            timings = interleaved_medians(fns, args.reps, args.warmup, device)
+            tokens = projector(_features(hidden, cfg, grid, batch, device, dtype)).shape[1]
+            print(f"-- batch {batch}")
+            print(f"{'module':<28} {'params':>13} {'wall ms':>9} {'/ mlp':>7} {'cpu ms':>9} {'/ mlp':>7}")
+            base = timings[MLP]
+            for name, t in timings.items():
+                print(f"{name:<28} {params[name]:>13,} {t.wall_s * 1e3:>9.1f} {t.wall_s / base.wall_s:>6.2f}x "
+                      f"{t.cpu_s * 1e3:>9.1f} {t.cpu_s / base.cpu_s:>6.2f}x")
+            mlp_ratios[batch] = timings[FEALLM].wall_s / base.wall_s
+            if TOWER in timings:
+                tower_ratio = timings[FEALLM].wall_s / timings[TOWER].wall_s
+                print(f"FEALLM projector / tower (wall) = {tower_ratio:.1%}; tokens out = {tokens} "
+                      f"({grid[0] * grid[1]} MPP + {projector.num_extra_tokens()} local)")
+                if GRAPHED in timings:
+                    graphed_ratio = timings[GRAPHED].wall_s / timings[TOWER].wall_s
+                    print(f"FEALLM projector, CUDA graph / tower (wall) = {graphed_ratio:.1%}")
+    print(mlp_verdict(mlp_ratios))
+    if device.type == "cuda" and tower_ratio is not None:
+        print(tower_verdict(tower_ratio, graphed_ratio, first, args.dtype))
     return 0
+
+
+def mlp_verdict(ratios: dict[int, float]) -> str:
+    """One line: the worst FEALLM / mlp2x_gelu ratio over the batch sizes, each listed."""
+    worst = max(ratios.values())
+    sizes = ", ".join(f"batch {b}: {r:.2f}x" for b, r in ratios.items())
+    return (f"FEALLM projector / mlp2x_gelu = {worst:.2f}x (target <= {MLP_TARGET}x: "
+            f"{'met' if worst <= MLP_TARGET else 'NOT met'}; {sizes})")
+
+
+def tower_verdict(eager: float, graphed: float | None, batch: int, dtype: str) -> str:
+    """One line: the projector's share of the tower's time, the better of eager and graphed."""
+    best, path = (graphed, "CUDA graph") if graphed is not None and graphed < eager else (eager, "eager")
+    other = "" if graphed is None else f"; eager {eager:.1%}, CUDA graph {graphed:.1%}"
+    return (f"FEALLM projector / tower = {best:.1%} at batch {batch}, {dtype}, {path} (target <= {TARGET:.0%}: "
+            f"{'met' if best <= TARGET else 'NOT met'}{other})")
+
+
+def _features(hidden, cfg: FeallmConfig, grid, batch: int, device, dtype) -> TowerFeatures:
+    """TowerFeatures of `batch` images from the tower's hidden states (tiled when the tower
+    ran on fewer), patch tokens sliced as llava slices them (CLS dropped, not copied)."""
+    reps = -(-batch // hidden[0].shape[0])
+    states = [h.repeat(reps, 1, 1)[:batch] for h in hidden] if reps > 1 else [h[:batch] for h in hidden]
+    g = torch.Generator(device="cpu").manual_seed(batch)
+    pixels = torch.randn(batch, 3, 336, 336, generator=g).to(device, dtype)
+    return TowerFeatures(deep=states[DEEP_LAYER][:, 1:], shallow=[states[i][:, 1:] for i in cfg.shallow_layers],
+                         pixels=pixels, grid=grid)
+
+
+def _modules(tower, mlp, projector, hidden, cfg, grid, batch: int, first: int, device, dtype) -> dict[str, Callable]:
+    """What is timed at this batch size, in round-robin order."""
+    features = _features(hidden, cfg, grid, batch, device, dtype)
+    fns: dict[str, Callable[[], object]] = {}
+    if batch == first:
+        pixels = features.pixels
+        fns[TOWER] = lambda: tower(pixels, output_hidden_states=True)
+    fns[MLP] = lambda: mlp(features.deep)
+    fns[FEALLM] = lambda: projector(features)
+    if device.type == "cuda":
+        from feallm_llava.model.graphs import CapturedForward
+
+        graphed = CapturedForward(projector._forward)
+        fns[GRAPHED] = lambda: graphed(features)
+    if projector.lca is not None:
+        fns[LCA] = lambda: projector.lca(features.pixels)
+    return fns

@@ -21,6 +21,7 @@ through the ordinary `nn.Module.load_state_dict`, strict by default.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import Tensor, nn
@@ -59,8 +60,24 @@ class FeallmProjector(nn.Module):
         """Tokens emitted beyond the N patch tokens: 1 (F_local) with the LCA, else 0."""
         return 1 if self.lca is not None else 0
 
+    # CUDA graphs for inference on a GPU (model/graphs.py): None = FEALLM_CUDA_GRAPHS=1 turns them on.
+    cuda_graphs: bool | None = None
+
     def forward(self, features: TowerFeatures) -> Tensor:
         self._check(features)
+        if features.deep.is_cuda and not torch.is_grad_enabled() and self._use_cuda_graphs():
+            if getattr(self, "_captured", None) is None:
+                from feallm_llava.model.graphs import CapturedForward
+
+                self._captured = CapturedForward(
+                    self._forward, state=lambda: tuple(p.data_ptr() for p in self.parameters()))
+            return self._captured(features)
+        return self._forward(features)
+
+    def _use_cuda_graphs(self) -> bool:
+        return self.cuda_graphs if self.cuda_graphs is not None else os.environ.get("FEALLM_CUDA_GRAPHS") == "1"
+
+    def _forward(self, features: TowerFeatures) -> Tensor:
         dtype = self.mlp[0].weight.dtype
         deep = features.deep.to(dtype)  # (B, N, C)
         shallow = [s.to(dtype) for s in features.shallow] if self.cfg.mpp else []
