@@ -237,3 +237,15 @@ def test_bench_verdict_lines():
 
     args = build_parser("throughput").parse_args(["throughput", "--batch-size", "8", "16", "--set", "crop_size=24"])
     assert args.batch_size == [8, 16] and args.set == ["crop_size=24"]
+
+
+def test_inference_output_is_the_mlp_and_the_local_token_bit_for_bit():
+    """Without autograd the MLP's last matmul writes into the result image by image."""
+    proj = make()
+    perturb_(proj)
+    feats = features(batch=3)
+    with torch.no_grad():
+        got = proj(feats)
+        local = proj.lca(feats.pixels)
+        x = proj.mpp.enrich(feats.deep, feats.shallow, GRID, local.keys)
+        assert torch.equal(got, torch.cat([proj.mlp(x), local.token], dim=1))

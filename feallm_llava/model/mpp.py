@@ -91,6 +91,16 @@ class MultiPerspectiveProjector(nn.Module):
     ) -> Tensor:
         """deep (B, N, C); shallow: L x (B, N, C) on the same (H, W) grid, N = H*W;
         local_keys F'_local (B, R, C) when the MPP uses local clues -> (B, N, llm_hidden)."""
+        return self.mlp(self.enrich(deep, shallow, grid, local_keys))  # (B, N, llm_hidden)
+
+    def enrich(
+        self,
+        deep: Tensor,
+        shallow: Sequence[Tensor],
+        grid: tuple[int, int],
+        local_keys: Tensor | None = None,
+    ) -> Tensor:
+        """The deep tokens after eq. 4, 6 and 7, before the MLP: (B, N, C)."""
         x = deep
         if self.cfg.mpp:
             if len(shallow) != self.levels:
@@ -109,4 +119,4 @@ class MultiPerspectiveProjector(nn.Module):
                 x = self.local_attn(self.local_norm(x), local_keys, residual=x, scale=self.local_scale)
             n = self.self_norm(x)
             x = self.self_attn(n, grid, n, [grid], residual=x, scale=self.self_scale)  # (B, N, C)
-        return self.mlp(x)  # (B, N, llm_hidden)
+        return x
