@@ -82,13 +82,8 @@ class MultiPerspectiveProjector(nn.Module):
     def uses_local(self) -> bool:
         return hasattr(self, "local_attn")
 
-    def forward(
-        self,
-        deep: Tensor,
-        shallow: Sequence[Tensor],
-        grid: tuple[int, int],
-        local_keys: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, deep: Tensor, shallow: Sequence[Tensor], grid: tuple[int, int],
+                local_keys: Tensor | None = None) -> Tensor:
         """deep (B, N, C); shallow: L x (B, N, C) on the same (H, W) grid, N = H*W;
         local_keys F'_local (B, R, C) when the MPP uses local clues -> (B, N, llm_hidden)."""
         return self.mlp(self.enrich(deep, shallow, grid, local_keys))  # (B, N, llm_hidden)
