@@ -155,3 +155,26 @@ def test_attention_over_few_keys_equals_the_plain_route(residual):
         torch.testing.assert_close(attn(x, context, residual=base, scale=scale), base + scale * plain)
     else:
         torch.testing.assert_close(attn(x, context), plain)
+
+
+def test_attention_over_few_keys_has_the_plain_routes_gradients():
+    from feallm_llava.model.lca import MultiHeadAttention
+
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(24, heads=2, attn_dim=16).double()
+    x = torch.randn(2, 10, 24, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(2, 3, 24, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
+    base = torch.randn(2, 10, 24, dtype=torch.float64)
+    params = [x, context, scale, *attn.parameters()]
+    few = torch.autograd.grad(attn(x, context, residual=base, scale=scale).square().sum(), params)
+
+    def plain():
+        k = attn.to_k(context).view(2, 3, 2, -1).transpose(1, 2)
+        v = attn.to_v(context).view(2, 3, 2, -1).transpose(1, 2)
+        q = attn.to_q(x).view(2, 10, 2, -1).transpose(1, 2)
+        heads = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 10, -1)
+        return base + scale * attn.to_out(heads)
+
+    for got, want in zip(few, torch.autograd.grad(plain().square().sum(), params)):
+        torch.testing.assert_close(got, want)

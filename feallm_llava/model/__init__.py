@@ -9,6 +9,8 @@
 - `features.TowerFeatures`: what a CLIP tower hands it (deep, shallow layers, pixels),
   read off any CLIP's hidden states by `features.tower_features`.
 - `weights`: the weight files of upstream's training, read without unpickling code.
+- `fused`: the residual update as one matmul, oneDNN's linear on a CPU at inference.
+- `graphs`: the projector's inference forward replayed from CUDA graphs (opt-in).
 
 Nothing is imported here so that `import feallm_llava.model.config` stays cheap.
 """
