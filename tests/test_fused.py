@@ -45,3 +45,22 @@ def test_weights_partitioned_by_deepspeed_zero3_are_not_read_outside_their_modul
     assert not fusable(linear)
     torch.testing.assert_close(add_projection(residual, heads, linear), residual + linear(heads))
     assert calls  # the module itself ran (its hooks gather the weight)
+
+
+def test_onednn_only_without_autograd_on_cpu_and_not_under_torch_compile(monkeypatch):
+    from feallm_llava.model import fused
+
+    if not fused.onednn_available():
+        import pytest
+
+        pytest.skip("oneDNN's linear is not available in this torch")
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+    x, w = torch.randn(3, 5), torch.randn(4, 5, requires_grad=True)
+    fused.matmul(x, w)  # autograd wants the weight's gradient: F.linear
+    with torch.no_grad():
+        torch.testing.assert_close(fused.matmul(x, w), x @ w.t())
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        fused.matmul(x, w)  # torch.compile lowers F.linear to oneDNN itself
+    assert calls == [1]

@@ -55,9 +55,11 @@ def onednn_available() -> bool:
 
 
 def _onednn(x: Tensor, weight: Tensor) -> bool:
+    """oneDNN for this matmul: on a CPU, without autograd, not under torch.compile (whose
+    CPU backend picks oneDNN itself and cannot lower the op with an unpacked weight)."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and onednn_available())
+            and not torch.compiler.is_compiling() and onednn_available())
 
 
 def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
