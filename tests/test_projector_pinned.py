@@ -11,6 +11,9 @@ tests/data/projector_pinned.pt:
   24 x 24 grid, 336 px), batch 2: per-token mean and standard deviation, and 256 values
   at fixed positions (the whole output would be 19 MB).
 
+With each, the state dict's names and shapes at 83b21bc (`state_shapes`): a checkpoint
+saved then must load now.
+
 Weights are random, not the zero-started ones of a fresh projector, so that every
 branch (shallow, local, self attention, LCA token) moves the output, and sampling
 points of the deformable attentions fall inside, across and outside the value maps.
@@ -108,10 +111,16 @@ def test_projector_outputs_equal_the_pinned_ones(case, onednn, pinned, monkeypat
         pytest.skip("oneDNN's linear is not available in this torch")
     monkeypatch.setattr(fused, "_ONEDNN", onednn)
     got = compute(case)
-    want = pinned[case]
+    want = {k: v for k, v in pinned[case].items() if k != "state_shapes"}
     assert set(got) == set(want)
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=RTOL, atol=ATOL, msg=lambda m: f"{case}.{key}: {m}")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_state_dict_keys_and_shapes_are_those_of_existing_checkpoints(case, pinned):
+    """Checkpoints saved before the speed work load unchanged: same names, same shapes."""
+    assert state_shapes(case) == pinned[case]["state_shapes"]
 
 
 def test_pinned_case_exercises_every_branch_and_the_map_edges():
@@ -135,7 +144,11 @@ def test_projector_with_autograd_computes_the_inference_function():
     torch.testing.assert_close(training.detach(), inference, rtol=RTOL, atol=ATOL)
 
 
+def state_shapes(case: str) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in build(case)[0].state_dict().items()}
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     DATA.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({case: compute(case) for case in CASES}, DATA)
+    torch.save({case: {**compute(case), "state_shapes": state_shapes(case)} for case in CASES}, DATA)
     print(f"wrote {DATA} ({DATA.stat().st_size} bytes)")
