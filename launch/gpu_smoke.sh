@@ -297,7 +297,7 @@ step bench "$PY" -m feallm_llava.bench projector "${bench_args[@]}" \
   && grep -E '^(FEALLM projector.* = |CLIP)' "$OUT/bench.log" | sed 's/^/     | /' || true
 # throughput: the eval runner on the tiny kit, batch 8 vs batch 1, feallm, sampled (padded)
 # prompts, in the runner's dtype (float16 on CUDA); fails when batched answers differ
-if [ "$DEVICE" = cpu ]; then tp_args=(--items 16 --repeats 1); else tp_args=(--batch-size 8 16 32); fi
+if [ "$DEVICE" = cpu ]; then tp_args=(--items 16 --repeats 1); else tp_args=(--batch-size 8 16 --repeats 1); fi
 step throughput "$PY" -m feallm_llava.bench throughput --device "$DEVICE" --projector feallm --prompts sampled \
     --kit-dir "$OUT" "${tp_args[@]}" \
   && tail -n 1 "$OUT/throughput.log" | sed 's/^/     | /' || true

@@ -58,11 +58,13 @@ def random_inputs(n=2, lq=5, heads=2, dim=3, points=3, shapes=SHAPES, dtype=torc
     return value, spatial, locations, weights
 
 
-def test_ms_deform_attn_matches_naive_bilinear_loops_in_fp32():
+@pytest.mark.parametrize("autograd", [False, True], ids=["embedding_bag", "grid_sample"])
+def test_ms_deform_attn_matches_naive_bilinear_loops_in_fp32(autograd):
+    """Both routes: embedding_bag at inference, grid_sample when a gradient is wanted."""
     value, spatial, locations, weights = random_inputs()
     outside = ((locations < 0) | (locations > 1)).any(-1)
     assert outside.any() and (~outside).any()  # both kinds of points are exercised
-    got = ms_deform_attn(value, spatial, locations, weights)
+    got = ms_deform_attn(value.requires_grad_(autograd), spatial, locations, weights).detach()
     want = naive_ms_deform_attn(value, spatial, locations, weights)
     assert got.shape == (2, 5, 2 * 3) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
@@ -182,13 +184,22 @@ def test_deformable_attention_runs_in_bf16_and_keeps_its_dtype():
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.1)
 
 
+@pytest.mark.parametrize("autograd", [False, True], ids=["embedding_bag", "grid_sample"])
 @pytest.mark.parametrize("shapes", [[(4, 4), (4, 4)], [(3, 5), (3, 5), (3, 5)]])
-def test_ms_deform_attn_matches_naive_when_levels_share_a_shape(shapes):
+def test_ms_deform_attn_matches_naive_when_levels_share_a_shape(shapes, autograd):
     """One shape for every level: sizes are plain numbers in the index arithmetic."""
     value, spatial, locations, weights = random_inputs(n=3, shapes=shapes, seed=5)
-    got = ms_deform_attn(value, spatial, locations, weights)
+    got = ms_deform_attn(value.requires_grad_(autograd), spatial, locations, weights).detach()
     torch.testing.assert_close(got.double(), naive_ms_deform_attn(value, spatial, locations, weights),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 200, 10 ** 9])
+def test_ms_deform_attn_on_cpu_in_chunks_of_images_equals_one_call(chunk_rows, monkeypatch):
+    value, spatial, locations, weights = random_inputs(n=5, seed=7)
+    whole = deformable._gather(value, tuple(map(tuple, spatial.tolist())), locations, weights, torch.float32)
+    monkeypatch.setattr(deformable, "CPU_CHUNK_ROWS", chunk_rows)  # 1 image, 2 images, all
+    torch.testing.assert_close(ms_deform_attn(value, spatial, locations, weights), whole)
 
 
 def test_ms_deform_attn_made_under_inference_mode_then_differentiated():

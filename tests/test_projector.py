@@ -239,8 +239,13 @@ def test_bench_verdict_lines():
     assert args.batch_size == [8, 16] and args.set == ["crop_size=24"]
 
 
-def test_inference_output_is_the_mlp_and_the_local_token_bit_for_bit():
-    """Without autograd the MLP's last matmul writes into the result image by image."""
+@pytest.mark.parametrize("direct", [True, False])
+def test_inference_output_is_the_mlp_and_the_local_token_bit_for_bit(direct, monkeypatch):
+    """Without autograd the MLP's last matmul writes into the result image by image
+    (from DIRECT_MIN output values an image; else a concatenation)."""
+    from feallm_llava.model import projector as module
+
+    monkeypatch.setattr(module, "DIRECT_MIN", 0 if direct else 10 ** 9)
     proj = make()
     perturb_(proj)
     feats = features(batch=3)

@@ -36,6 +36,9 @@ from feallm_llava.model.mpp import MultiPerspectiveProjector
 log = logging.getLogger(__name__)
 
 UPSTREAM_MLP_KEYS = frozenset({"0.weight", "0.bias", "2.weight", "2.bias"})
+# Output values per image from which the MLP writes straight into the result (below,
+# a matmul per image costs more than the concatenation it saves).
+DIRECT_MIN = 2 ** 16
 
 
 class FeallmProjector(nn.Module):
@@ -95,7 +98,7 @@ class FeallmProjector(nn.Module):
         `self.mlp(x)` bit for bit (one addmm per image = the rows of one addmm over the
         batch)."""
         last = self.mlp[2]
-        if torch.is_grad_enabled() or not fusable(last) or x.dim() != 3:
+        if torch.is_grad_enabled() or not fusable(last) or x.shape[1] * last.out_features < DIRECT_MIN:
             tokens = self.mlp(x)
             return torch.cat([tokens, token.to(tokens.dtype)], dim=1)
         hidden = self.mlp[1](self.mlp[0](x))  # (B, N, D), as nn.Sequential runs them
