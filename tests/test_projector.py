@@ -236,7 +236,13 @@ def test_bench_verdict_lines():
     from feallm_llava.bench.__main__ import build_parser
 
     args = build_parser("throughput").parse_args(["throughput", "--batch-size", "8", "16", "--set", "crop_size=24"])
-    assert args.batch_size == [8, 16] and args.set == ["crop_size=24"]
+    assert args.batch_size == [8, 16] and args.set == ["crop_size=24"] and not args.paper
+    from feallm_llava.bench.projector import _typed, parse_overrides
+    from feallm_llava.bench.throughput import demo_scale
+    from feallm_llava.demo.config import DemoConfig
+
+    scale = FeallmConfig(**_typed(parse_overrides(demo_scale())))  # the demo's fields, all valid
+    assert (scale.crop_size, scale.lca_pool, scale.mpp_dim) == (DemoConfig.crop_size, DemoConfig.lca_pool, 0)
 
 
 @pytest.mark.parametrize("direct", [True, False])
