@@ -6,11 +6,9 @@ stage 1 through upstream's `llava.train.train_mem --mm_projector_type feallm` ->
 upstream's loader -> the stage-1 checkpoint captions the faces of held-out subjects, and
 the captions are parsed back into an expression and AUs. A projector that passed nothing
 of the image on would score the blind baselines (most frequent expression: 0.16; every
-AU always on: 0.38). Measured after the demo's 1200 steps: FE 0.60 to 0.89, mean AU F1
-0.60 to 0.74 over five runs with the varied wording, and FE 0.69 to 0.93, AU 0.70 to 0.76
-over three seeds with the demo's fixed wording (about 4 minutes on two threads). A
-600-step stage 1 (3 minutes) read 0.36 / 0.43: too close to the AU baseline for a test
-that must not flake.
+AU always on: 0.38). The readouts measured at the demo's step counts are in
+docs/results.md (after 600 steps: 0.36 / 0.43, too close to the AU baseline for a test
+that must not flake).
 """
 
 from __future__ import annotations
