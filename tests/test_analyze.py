@@ -95,6 +95,7 @@ def test_cli_finds_the_astronauts_one_face_and_writes_the_csv(checkpoint, photos
     assert len(table) == 1
     row = table.iloc[0]
     assert row["face_id"] == 0 and row["error"] == ""
+    assert row["frame"] == 0 and row["time_s"] == 0.0   # a photo is a video of one frame
     assert iou(box(row), ASTRONAUT_FACE) > 0.8, box(row)
     assert row["raw_answer_fer"] != "" or row["raw_answer_aud"] != ""  # the model was asked
 
@@ -168,6 +169,8 @@ def test_bad_inputs_give_error_rows_and_convertible_ones_are_analysed(backend, a
     names = ["empty.jpg", "corrupt.jpg", "notes.txt", "pixel.png", "bomb.png", "missing.png",
              "gray.png", "rgba.png", "cmyk.jpg", "grey16.png"]
 
+    import pandas as pd
+
     rows = analyze([d / n for n in names], backend=backend, batch_size=4, progress=False).to_dict("records")
 
     by_name = {r["input"].rsplit("/", 1)[-1]: r for r in rows}
@@ -180,6 +183,7 @@ def test_bad_inputs_give_error_rows_and_convertible_ones_are_analysed(backend, a
     for name, fragments in expected_errors.items():
         assert any(f in by_name[name]["error"] for f in fragments), (name, by_name[name]["error"])
         assert by_name[name]["error"].startswith("bad image:")
+        assert pd.isna(by_name[name]["frame"]) and pd.isna(by_name[name]["time_s"])  # a row about the whole file
     for name in ("gray.png", "rgba.png", "cmyk.jpg", "grey16.png"):  # converted, face still found
         row = by_name[name]
         assert row["error"] == "", (name, row["error"])
@@ -197,6 +201,7 @@ def test_cli_exits_1_when_a_row_has_an_error_and_still_writes_every_row(checkpoi
     assert [r["input"].rsplit("/", 1)[-1] for r in rows] == ["corrupt.png", "blank.png"]
     assert rows[0]["error"].startswith("bad image:") and rows[1]["error"] == ""
     assert rows[1]["face_id"] is None and set(rows[1]) == set(COLUMNS)
+    assert (rows[0]["frame"], rows[0]["time_s"]) == (None, None) and (rows[1]["frame"], rows[1]["time_s"]) == (0, 0.0)
 
 
 def test_a_face_whose_generation_fails_gets_an_error_and_the_others_their_answers(backend, photos, astronaut):

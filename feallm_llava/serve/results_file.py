@@ -1,16 +1,19 @@
-"""`feallm analyze`'s output file: rows appended as images finish, resumable.
+"""`feallm analyze`'s output file: rows appended as frames finish, resumable.
 
-- `.csv` and `.jsonl`: the rows of each finished image are appended in one `write(2)`
-  on an `O_APPEND` descriptor (`jsonl.LineAppender`), so an interrupt or a kill leaves
-  whole images only; a torn tail (a machine that died mid-write) is cut off when the
-  file is opened again.
+- `.csv` and `.jsonl`: the rows of each finished frame (a photo is one) are appended in
+  one `write(2)` on an `O_APPEND` descriptor (`jsonl.LineAppender`), so an interrupt or a
+  kill leaves whole frames only; a torn tail (a machine that died mid-write) is cut off
+  when the file is opened again.
 - `.json` (one list): held in memory and written atomically when the run ends or is
   interrupted.
 
-`--resume` reads what a file already holds and the run skips those inputs; without it,
-an existing non-empty file is refused (`--overwrite` starts it again). What the rows came
-from (model, template, questions, a note such as an out-of-domain warning) goes to
-`<file>.meta.json` beside it, written when the file is closed.
+`--resume` reads what a file already holds (`previous`: its rows per input, in file
+order, and `previous_metadata`) and the run skips what is there: a photo with rows, a
+video's finished frames. A CSV resumed must have this version's columns. Without
+`--resume`, an existing non-empty file is refused (`--overwrite` starts it again). What the
+rows came from (model, template, questions, sampling, smoothing, the videos finished, a
+note such as an out-of-domain warning) goes to `<file>.meta.json` beside it, written when
+the file is closed.
 """
 
 from __future__ import annotations
@@ -46,7 +49,11 @@ class ResultsFile:
             exists = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = self._read() if exists else []  # for .json: everything to write
-        self.done = {row["input"] for row in self.rows}
+        self.previous: dict[str, list[dict]] = {}
+        for row in self.rows:
+            self.previous.setdefault(row["input"], []).append(row)
+        self.done = set(self.previous)
+        self.previous_metadata: dict = self._read_metadata() if exists else {}
         self.metadata: dict = {}  # written to <file>.meta.json on close
         self._appender = None
         if self.suffix == ".jsonl":
@@ -80,11 +87,23 @@ class ResultsFile:
             if reader.fieldnames is None or "input" not in reader.fieldnames:
                 raise UsageError(f"{self.path}: not an analyze results file (no 'input' column); "
                                  f"--overwrite starts it again")
+            if reader.fieldnames != self.columns:
+                missing = [c for c in self.columns if c not in reader.fieldnames]
+                raise UsageError(f"{self.path}: its columns are not this version's (missing: "
+                                 f"{', '.join(missing) or 'none'}; order or extra ones differ otherwise), so "
+                                 f"rows cannot be added to it; --overwrite starts it again, or choose another --out")
             return list(reader)
+
+    def _read_metadata(self) -> dict:
+        try:
+            meta = json.loads(self.metadata_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}   # missing (a killed run never closed the file) or damaged: rows alone decide
+        return meta if isinstance(meta, dict) else {}
 
     # -- writing ---------------------------------------------------------------------------
     def add(self, rows: list[dict]) -> None:
-        """The rows of one finished image, all at once."""
+        """The rows of one finished frame, all at once."""
         rows = [{c: row.get(c) for c in self.columns} for row in rows]
         if self.suffix == ".json":
             self.rows.extend(rows)
