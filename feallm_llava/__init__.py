@@ -15,7 +15,7 @@ The package, bottom floor first (no module imports from a floor above its own):
                     knows llava's insides
     inference/      answering questions: a LLaVA checkpoint or an OpenAI-compatible server
     eval/           benchmarks, runner, scorer, reports
-    serve/          analysis of photos, the serving stack
+    serve/          analysis of photos and videos, the serving stack
     tinykit, recipe, demo/, bench/, testing/, cli, run, ui/   tools built on all of the above
 """
 

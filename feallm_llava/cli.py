@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("feallm_llava.eval.run", "run a model on FEABench / RAF-DB / AffectNet / BP4D / DISFA"),
     "score": ("feallm_llava.eval.score", "score predictions.jsonl files: tables and plots"),
     "lmms-tasks": ("feallm_llava.eval.lmms_tasks", "write a benchmark as lmms-eval tasks scored by our parser"),
-    "analyze": ("feallm_llava.serve.analyze", "per-face expression, AUs and reasoning for photos"),
+    "analyze": ("feallm_llava.serve.analyze", "per-face expression, AUs and reasoning for photos and videos"),
     "demo": ("feallm_llava.demo", "offline end-to-end run on synthetic FACS faces"),
 }
 

@@ -11,7 +11,9 @@
 - `annotation_cache`: append-only, crash-safe JSONL cache.
 - `build`: the `feallm build-dataset` command.
 - `synthetic`: FACS faces drawn from AUs, in Aff-Wild2's layout (the demo's data).
-- `images`: safe image loading; `llava_json`: LLaVA conversation-file checks.
+- `images`: safe image loading; `video`: safe video reading (sampled frames, their
+  times, truncated files); `llava_json`: LLaVA conversation-file checks.
+- `synthetic_video`: the synthetic faces moving and changing expression in a video.
 
 The label spaces and the text parser are one floor down, in `feallm_llava.facs`.
 """
