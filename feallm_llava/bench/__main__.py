@@ -16,6 +16,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "annotate": ("feallm_llava.bench.annotate", "annotation throughput against a fake OpenAI service"),
     "serve-load": ("feallm_llava.bench.serve_load",
                    "upstream's controller + worker under concurrent and faulty requests, then a worker kill"),
+    "video": ("feallm_llava.bench.video",
+              "feallm analyze on synthetic videos of the demo's held-out subjects: accuracy and frames/s"),
 }
 
 
