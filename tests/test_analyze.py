@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from feallm_llava.cli import main as cli
-from feallm_llava.serve.analyze import AU_COLUMNS, COLUMNS, analyze, load_backend, write_results
+from feallm_llava.serve.analyze import analyze, load_backend
 from feallm_llava.serve.annotate_png import annotate_image, face_label
+from feallm_llava.serve.rows import AU_COLUMNS, COLUMNS, write_results
 
 skdata = pytest.importorskip("skimage.data", reason="scikit-image ships the astronaut photo")
 
@@ -234,7 +235,7 @@ def test_answers_do_not_depend_on_the_batch_size(backend, photos, astronaut):
 def test_each_answer_lands_in_its_own_face_row_and_column(backend):
     # The untrained model says nearly the same for every face, so the model's real answers
     # are tagged with the crop size and question they were generated for.
-    from feallm_llava.serve.analyze import DEFAULT_QUESTIONS
+    from feallm_llava.serve.rows import DEFAULT_QUESTIONS
 
     class Tagging:
         def generate(self, items):

@@ -32,7 +32,8 @@ from PIL import Image
 from feallm_llava.cli import main as cli
 from feallm_llava.data.synthetic_video import Person, two_people, write_synthetic_video
 from feallm_llava.data.video import Sampling, VideoReader
-from feallm_llava.serve.analyze import COLUMNS, analyze
+from feallm_llava.serve.analyze import analyze
+from feallm_llava.serve.rows import COLUMNS
 from feallm_llava.serve.temporal import Smoother, vote
 from feallm_llava.serve.track import IouTracker, iou
 from feallm_llava.testing.fake_openai import start_fake_openai

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from feallm_llava.serve.analyze import COLUMNS
+from feallm_llava.serve.rows import COLUMNS
 from feallm_llava.testing.fake_openai import start_fake_openai
 from feallm_llava.ui.backends import (BackendError, ControllerBackend, OpenAIChatBackend, Turn, answer_of,
                                       llava_v1_prompt)

@@ -27,8 +27,8 @@ import requests
 from PIL import Image
 
 from feallm_llava.serve import stack as serve
-from feallm_llava.serve.analyze import COLUMNS
 from feallm_llava.serve.annotate_png import PALETTE
+from feallm_llava.serve.rows import COLUMNS
 from feallm_llava.testing.fake_openai import start_fake_openai
 from tests.browser import (browser, keep_screenshot, record_answer, recorded_answer, running,  # noqa: F401
                            skip_without_chromium, until)

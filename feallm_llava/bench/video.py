@@ -135,7 +135,8 @@ def _backend(demo: Path, max_new_tokens: int):
 
 
 def accuracy(args, demo: Path, out: Path, backend, seed: int) -> dict:
-    from feallm_llava.serve.analyze import analyze, plain_rows
+    from feallm_llava.serve.analyze import analyze
+    from feallm_llava.serve.rows import plain_rows
 
     subjects = held_out_subjects(demo)
     videos = render_videos(subjects, out / "videos", args.frames, args.fps, args.face_size, seed)

@@ -13,7 +13,7 @@ torch); `launch/serve.sh` starts it next to upstream's controller and worker.
 - **Analyze**: upload a photo; faces found with the detector of `feallm analyze`, each
   crop asked the FER, AU and reasoning questions, answers read with FEALLM's parser:
   the photo with boxes, per face the expression, the AUs with their FACS names and the
-  reasoning, and the rows as CSV (`serve.analyze.COLUMNS`). A file that is not a usable
+  reasoning, and the rows as CSV (`serve.rows.COLUMNS`). A file that is not a usable
   image (corrupt, empty, a decompression bomb) gives the loader's reason, not a crash; an
   upload over --max-upload-mb, or of a file without an image type, Gradio's own message.
 

@@ -12,7 +12,7 @@
 
 Both have `models()`, `stream(model, turns, image, ...)` yielding the answer so far, and
 `for_model(model)`: an object with `generate(queries)`, the batch interface through which
-`serve.analyze.Analyzer` asks the FER, AU and reasoning questions.
+`serve.analyzer.Analyzer` asks the FER, AU and reasoning questions.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ class ControllerBackend:
         return answer
 
     def for_model(self, model: str) -> _Asker:
-        """What `serve.analyze.Analyzer` asks its questions through, for `model`."""
+        """What `serve.analyzer.Analyzer` asks its questions through, for `model`."""
         return _Asker(self, model)
 
 
@@ -233,5 +233,5 @@ class OpenAIChatBackend:
             yield answer
 
     def for_model(self, model: str):
-        """What `serve.analyze.Analyzer` asks its questions through (the server's one model)."""
+        """What `serve.analyzer.Analyzer` asks its questions through (the server's one model)."""
         return self._batch

@@ -1,12 +1,12 @@
 """The Analyze tab's work, without Gradio: one uploaded photo -> faces, answers, tables.
 
-The same path as `feallm analyze`: `serve.analyze.Analyzer` loads the file safely
+The same path as `feallm analyze`: `serve.analyzer.Analyzer` loads the file safely
 (`data.images.load_rgb`: corrupt, empty, non-image and decompression-bomb files become an
 error row), finds the faces with `serve.detect`, crops each and asks the FER, AU and
 reasoning questions through the chosen backend, and reads the answers with the one
 parser (`fill_answers` -> `facs.parse`). Here those rows become what the page shows: the
 photo with boxes (`serve.annotate_png`), a summary per face, one table row per face and
-AU with its FACS name, and the rows as a CSV file (`serve.analyze.COLUMNS`).
+AU with its FACS name, and the rows as a CSV file (`serve.rows.COLUMNS`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 from PIL import Image
 
 from feallm_llava.facs.labels import AU_NAMES, AUS, au_key
-from feallm_llava.serve.analyze import Analyzer, Source, write_results
+from feallm_llava.serve.analyzer import Analyzer, Source
+from feallm_llava.serve.rows import write_results
 
 AU_TABLE_HEADERS = ("AU", "FACS name")   # then one column per face
 CELL = {1: "active", 0: "", None: "?"}
@@ -30,7 +31,7 @@ CELL = {1: "active", 0: "", None: "?"}
 class Report:
     """What one analysis gives the page."""
 
-    rows: list[dict]                        # serve.analyze.COLUMNS, one per face (or one error row)
+    rows: list[dict]                        # serve.rows.COLUMNS, one per face (or one error row)
     image: Image.Image | None = None        # the photo with boxes and labels, None when unreadable
     csv: Path | None = None                 # the rows as CSV
     message: str = ""                       # markdown: errors, "no face found", the per-face summary

@@ -1,0 +1,126 @@
+"""The results table of `feallm analyze`: one row per face and frame, Py-Feat / LibreFace
+style (`COLUMNS`), how the model's answers fill a row, and how rows are read back from a
+results file and handed out (a pandas DataFrame, plain dicts, CSV / JSONL / JSON)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from feallm_llava.facs.labels import AUS, au_key
+from feallm_llava.serve.results_file import ResultsFile
+
+AU_COLUMNS: tuple[str, ...] = tuple(au_key(au) for au in AUS)  # AU01 ... AU26 (labels.AUS order)
+BOX_COLUMNS = ("face_x", "face_y", "face_w", "face_h")
+COLUMNS: tuple[str, ...] = (
+    "input", "frame", "time_s", "face_id", *BOX_COLUMNS, "expression", *AU_COLUMNS, "reasoning",
+    "raw_answer_fer", "raw_answer_aud", "raw_answer_reasoning", "error",
+)
+INT_COLUMNS = ("frame", "face_id", *BOX_COLUMNS, *AU_COLUMNS)
+SMOOTHED_COLUMNS = ("expression", *AU_COLUMNS)
+
+# Paper section 3.2 gives the first two verbatim as its examples of the emotion-summary and
+# facial-movement instructions; the reasoning question is the first of our reasoning
+# templates (resources/templates/reasoning.json). All three are overridable.
+DEFAULT_QUESTIONS = {
+    "fer": "Please describe the expression in this face.",
+    "aud": "Please describe the action units in this face.",
+    "reasoning": "How do the facial action units in this face lead to its expression?",
+}
+TASKS = tuple(DEFAULT_QUESTIONS)  # fer, aud, reasoning: up to three answers per face
+
+
+def empty_row(label: str, frame: int | None = None, time_s: float | None = None) -> dict:
+    row = {c: None for c in COLUMNS}
+    row.update(input=label, frame=frame, time_s=time_s, error="")
+    return row
+
+
+def fill_answers(row: dict, answers: dict[str, str]) -> None:
+    """Parse the answers there are into the row's expression, AU and reasoning columns."""
+    from feallm_llava.facs.parse import parse
+
+    for task in TASKS:
+        row[f"raw_answer_{task}"] = answers.get(task)
+    if "fer" in answers:
+        row["expression"] = parse(answers["fer"]).expression or ""
+    if "aud" in answers:
+        aud = parse(answers["aud"], targets=AUS)
+        for au, col in zip(AUS, AU_COLUMNS):
+            # an AUD answer that mentions no AU (and does not say "no AUs") leaves them unknown
+            row[col] = int(au in aud.aus) if aud.aus_answered else None
+    if "reasoning" in answers:
+        row["reasoning"] = answers["reasoning"].strip()
+
+
+def _int(value) -> int | None:
+    try:
+        return None if value is None or value == "" else int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def typed_row(row: dict) -> dict:
+    """A row read back from a results file (CSV: every cell a string) with `COLUMNS` and
+    the values `analyze` writes: ints, a float time, None for empty cells."""
+    out = {c: row.get(c) for c in COLUMNS}
+    for c in INT_COLUMNS:
+        out[c] = _int(out[c])
+    try:
+        out["time_s"] = None if out["time_s"] in (None, "") else float(out["time_s"])
+    except (TypeError, ValueError):
+        out["time_s"] = None
+    for task in TASKS:
+        out[f"raw_answer_{task}"] = out[f"raw_answer_{task}"] or None
+    out["error"] = out["error"] or ""
+    return out
+
+
+def own_readings(row: dict) -> dict:
+    """What a row's own answers say (expression and AUs), re-read from its raw answers:
+    the values smoothing votes over, whatever the row's (smoothed) columns hold."""
+    answers = {t: row[f"raw_answer_{t}"] for t in ("fer", "aud") if row.get(f"raw_answer_{t}") is not None}
+    fresh = dict.fromkeys(SMOOTHED_COLUMNS)
+    fill_answers(fresh, answers)
+    return {c: fresh[c] for c in SMOOTHED_COLUMNS}
+
+
+def to_frame(rows: list[dict]):
+    """A pandas DataFrame with `COLUMNS` (nullable integer frame, id, box and AU columns,
+    float time), or the rows."""
+    try:
+        import pandas as pd
+    except ImportError:
+        return rows
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    for col in INT_COLUMNS:
+        frame[col] = frame[col].astype("Int64")
+    frame["time_s"] = frame["time_s"].astype("Float64")
+    return frame
+
+
+def plain_rows(rows_or_frame) -> list[dict]:
+    """Rows with `COLUMNS` only and plain values (pandas' NA / numpy scalars -> None / Python)."""
+    rows = rows_or_frame.to_dict(orient="records") if hasattr(rows_or_frame, "to_dict") else rows_or_frame
+    return [{c: _plain(r.get(c)) for c in COLUMNS} for r in rows]
+
+
+def write_results(rows_or_frame, out: str | os.PathLike) -> Path:
+    """CSV, JSONL or JSON (a list of records, null for empty) by the suffix; replaces `out`."""
+    with ResultsFile(out, COLUMNS, overwrite=True) as results:
+        results.add(plain_rows(rows_or_frame))
+    return results.path
+
+
+def _plain(value):
+    """pandas' NA / numpy scalars -> None / Python scalars (JSON- and CSV-friendly)."""
+    if value is None:
+        return None
+    try:
+        import pandas as pd
+
+        if pd.isna(value):
+            return None
+    except (ImportError, TypeError, ValueError):
+        pass
+    return value.item() if hasattr(value, "item") else value
