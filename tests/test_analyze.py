@@ -288,3 +288,13 @@ def test_face_label_names_expression_and_active_aus():
     assert face_label(unknown) == "#1 ? | AUs ?"
     img = annotate_image(Image.new("RGB", (200, 200)), [dict(row, face_x=50, face_y=60, face_w=80, face_h=80, error="")])
     assert img.getpixel((90, 139)) == (255, 64, 64)
+
+
+def test_crop_shift_moves_the_crop_centre_down_by_a_fraction_of_the_box_height():
+    from feallm_llava.serve.analyzer import Analyzer
+    from feallm_llava.serve.detect import FaceBox
+
+    assert Analyzer(None, crop_shift=0.1)._crop_box(FaceBox(10, 20, 50, 60, 0.0)) == (10, 26, 50, 60)
+    assert Analyzer(None).settings()["crop_shift"] == 0.0
+    with pytest.raises(ValueError, match="crop-shift"):
+        Analyzer(None, crop_shift=0.6)

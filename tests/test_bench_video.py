@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from feallm_llava.bench.video import held_out_subjects, main, score_video_rows
+from feallm_llava.bench.video import held_out_subjects, main, score_video_rows, training_subjects
 from feallm_llava.data.synthetic_video import SyntheticVideo
 from feallm_llava.errors import UsageError
 from feallm_llava.facs.labels import AUS, au_key
@@ -68,7 +68,8 @@ def test_a_demo_without_a_trained_checkpoint_is_a_usage_error(tmp_path):
     (tmp_path / "fea").mkdir()
     (tmp_path / "fea" / "eval.json").write_text('[{"subject": "synth_007"}, {"subject": "synth_012"}, '
                                                 '{"subject": "synth_007"}]')
-    assert held_out_subjects(tmp_path) == [7, 12]
+    (tmp_path / "fea" / "train.json").write_text('[{"image": "synth_003/00001.jpg"}, {"image": "synth_000/00002.jpg"}]')
+    assert held_out_subjects(tmp_path) == [7, 12] and training_subjects(tmp_path) == [0, 3]
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     with pytest.raises(UsageError, match="no stage-2 checkpoint"):

@@ -148,7 +148,8 @@ class Run:
 def analyze(inputs: Iterable[str | os.PathLike | Image.Image] | str | os.PathLike, *,
             model_path: str | None = None, model_base: str | None = None, device: str = "cpu",
             detect: bool = True, require_face: bool = False, batch_size: int = 8,
-            margin: float = DEFAULT_MARGIN, max_new_tokens: int = 256, dtype: str | None = None,
+            margin: float = DEFAULT_MARGIN, crop_shift: float = 0.0, max_new_tokens: int = 256,
+            dtype: str | None = None,
             conv_mode: str | None = None, questions: dict[str, str] | None = None,
             backend=None, annotate: str | os.PathLike | None = None, progress: bool = True,
             every: int | None = None, fps: float | None = None, start: float = 0.0, end: float | None = None,
@@ -170,8 +171,8 @@ def analyze(inputs: Iterable[str | os.PathLike | Image.Image] | str | os.PathLik
     sources, notes = expand_inputs(inputs)
     for line in notes:
         print(f"note: {line}", file=sys.stderr)
-    analyzer = Analyzer(None, detect=detect, require_face=require_face, margin=margin, batch_size=batch_size,
-                        questions=questions, reasoning=reasoning, smooth=smooth,
+    analyzer = Analyzer(None, detect=detect, require_face=require_face, margin=margin, crop_shift=crop_shift,
+                        batch_size=batch_size, questions=questions, reasoning=reasoning, smooth=smooth,
                         sampling=Sampling(every, fps, start, end), track_memory=track_memory, track_iou=track_iou,
                         detect_kwargs=None if equalize is True else {"equalize": equalize})
     if backend is None:
@@ -297,6 +298,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                         help="crop margin, x the face box side on each side")
+    parser.add_argument("--crop-shift", type=float, default=0.0,
+                        help="move the crop's centre down by this fraction of the box height (a detector whose "
+                             "boxes sit higher on the face than the crops the model was trained on)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
     for task in TASKS:
         parser.add_argument(f"--{task}-question", default=None, help=f"default: {DEFAULT_QUESTIONS[task]!r}")
@@ -320,7 +324,8 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("--resume and --overwrite need --out")
     questions = {t: getattr(args, f"{t}_question") for t in TASKS if getattr(args, f"{t}_question")}
     analyzer = Analyzer(None, detect=not args.no_detect, require_face=args.require_face,
-                        batch_size=args.batch_size, margin=args.margin, questions=questions,
+                        batch_size=args.batch_size, margin=args.margin, crop_shift=args.crop_shift,
+                        questions=questions,
                         reasoning=args.reasoning, smooth=args.smooth,
                         sampling=Sampling(args.every, args.fps, args.start, args.end),
                         track_memory=args.track_memory, track_iou=args.track_iou,

@@ -170,7 +170,7 @@ class Analyzer:
     with its `generate(items) -> list[str]`) so that several runs share one load."""
 
     def __init__(self, backend, *, detect: bool = True, require_face: bool = False,
-                 margin: float = DEFAULT_MARGIN, batch_size: int = 8,
+                 margin: float = DEFAULT_MARGIN, crop_shift: float = 0.0, batch_size: int = 8,
                  questions: dict[str, str] | None = None, detect_kwargs: dict | None = None,
                  reasoning: str = DEFAULT_REASONING, smooth: int = 0, sampling: Sampling | None = None,
                  track_memory: float = DEFAULT_TRACK_MEMORY, track_iou: float = DEFAULT_TRACK_IOU):
@@ -181,6 +181,8 @@ class Analyzer:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
         if margin < 0:
             raise ValueError(f"--margin must be >= 0, got {margin}")
+        if not -0.5 <= crop_shift <= 0.5:
+            raise ValueError(f"--crop-shift must be within [-0.5, 0.5] (a fraction of the box height), got {crop_shift}")
         if reasoning not in REASONING:
             raise ValueError(f"--reasoning must be one of {', '.join(REASONING)}, got {reasoning!r}")
         if track_memory < 0:
@@ -191,6 +193,7 @@ class Analyzer:
         self.detect = detect
         self.require_face = require_face
         self.margin = margin
+        self.crop_shift = crop_shift
         self.batch_size = batch_size
         self.questions = {**DEFAULT_QUESTIONS, **(questions or {})}
         unknown = set(self.questions) - set(TASKS)
@@ -207,6 +210,7 @@ class Analyzer:
         """What shapes the rows, for OUT.meta.json and the DataFrame's attrs."""
         return {
             "questions": self.questions, "detect": self.detect, "margin": self.margin,
+            "crop_shift": self.crop_shift,
             "reasoning": self.reasoning, "sampling": self.sampling.as_dict(),
             "tracking": {"method": "IoU", "min_iou": self.track_iou, "memory_s": self.track_memory},
             "smooth": None if self.smooth <= 1 else {
@@ -239,9 +243,13 @@ class Analyzer:
             r = empty_row(label, frame, time_s)
             r.update(face_id=face_id, face_x=box.x, face_y=box.y, face_w=box.w, face_h=box.h)
             rows.append(r)
-            crop = crop_face(img, box, self.margin) if self.detect else img
+            crop = crop_face(img, self._crop_box(box), self.margin) if self.detect else img
             faces.append(_Face(r, crop, self._tasks(face_id >= known)))
         return FrameResult(stream.source, frame, time_s, kept, rows, stream, faces=faces)
+
+    def _crop_box(self, box) -> tuple[int, int, int, int]:
+        """The detector's box moved down by `crop_shift` x its height (the crop's centre)."""
+        return box.x, box.y + round(self.crop_shift * box.h), box.w, box.h
 
     def _tasks(self, new_track: bool) -> tuple[str, ...]:
         if self.reasoning == "every" or (self.reasoning == "keyframes" and new_track):
