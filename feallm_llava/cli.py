@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lmms-tasks": ("feallm_llava.eval.lmms_tasks", "write a benchmark as lmms-eval tasks scored by our parser"),
     "analyze": ("feallm_llava.serve.analyze", "per-face expression, AUs and reasoning for photos and videos"),
     "demo": ("feallm_llava.demo", "offline end-to-end run on synthetic FACS faces"),
+    "export-vllm": ("feallm_llava.integration.export_vllm", "a LLaVA checkpoint as one folder vLLM serves"),
 }
 
 # What the user got wrong (a path, a line of a file, a flag value): one line, exit 2.

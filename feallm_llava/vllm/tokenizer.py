@@ -1,0 +1,70 @@
+"""LLaVA's tokenizer as upstream runs it: sentencepiece, legacy, for vLLM.
+
+Upstream LLaVA tokenizes with transformers 4.x's slow `LlamaTokenizer` (legacy): each
+piece of text between special tokens goes through `SentencePieceProcessor.encode`, which
+adds the dummy prefix and folds repeated and trailing spaces. transformers 5 loads the same
+`tokenizer.model` as a `tokenizers` pipeline that keeps every space and adds no prefix
+after a special token, so a prompt with `<image>` gets other ids than upstream gave it
+(measured on the tiny kit: 3 of ~50 ids differ) and the model answers another prompt.
+This class is transformers 5's sentencepiece backend with the BOS and the decoding that
+upstream's tokenizer has; `plugin.register` makes it vLLM's `--tokenizer-mode feallm_llava`.
+"""
+
+from __future__ import annotations
+
+from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+TOKENIZER_MODE = "feallm_llava"
+
+
+class LlavaLlamaTokenizer(SentencePieceBackend):
+    """sentencepiece's own encode/decode per text span, BOS first (`add_bos_token`)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("legacy", True)
+        self.add_bos_token = kwargs.pop("add_bos_token", True)
+        self.add_eos_token = kwargs.pop("add_eos_token", False)
+        super().__init__(**kwargs)
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        bos = [self.bos_token_id] if self.add_bos_token and self.bos_token_id is not None else []
+        eos = [self.eos_token_id] if self.add_eos_token and self.eos_token_id is not None else []
+        out = bos + list(token_ids_0) + eos
+        if token_ids_1 is not None:
+            out += bos + list(token_ids_1) + eos
+        return out
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return (int(self.add_bos_token) + int(self.add_eos_token)) * (2 if pair else 1)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Runs of ordinary pieces through sentencepiece's decode (it restores the spaces
+        the pieces stand for), special tokens as they are."""
+        special = set(self.all_special_tokens)
+        out, run = [], []
+        for token in tokens:
+            if token in special:
+                out.append(self.sp_model.decode(run))
+                out.append(token)
+                run = []
+            else:
+                run.append(token)
+        out.append(self.sp_model.decode(run))
+        return "".join(out)
+
+
+class CachedLlavaLlamaTokenizer:
+    """What vLLM's tokenizer registry loads (`from_pretrained`): the tokenizer above,
+    wrapped in vLLM's cache of its special-token and vocabulary properties."""
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, *args, trust_remote_code: bool = False, revision=None,
+                        download_dir=None, **kwargs):
+        from vllm.tokenizers.hf import get_cached_tokenizer
+
+        for key in ("mistral_format", "truncation_side"):
+            kwargs.pop(key, None)
+        tokenizer = LlavaLlamaTokenizer.from_pretrained(str(path_or_repo_id), *args, revision=revision,
+                                                        cache_dir=download_dir, **kwargs)
+        tokenizer.truncation_side = "left"
+        return get_cached_tokenizer(tokenizer)
