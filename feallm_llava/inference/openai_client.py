@@ -123,7 +123,9 @@ class OpenAIBackend:
                 continue
             if not response.choices:
                 raise BackendError(f"item {item.id!r}: {self.model} returned no choices")
-            return response.choices[0].message.content or ""
+            # stripped as the LLaVA runner strips its own: vLLM's detokenizer keeps the space
+            # the answer's first piece carries after "ASSISTANT:"
+            return (response.choices[0].message.content or "").strip()
         raise AssertionError("unreachable")
 
     def generate(self, items: list[Query]) -> list[str]:

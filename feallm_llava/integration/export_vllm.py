@@ -275,13 +275,14 @@ def chat_template(conv_mode: str) -> str:
                 + " }}{% endif %}")
     elif conv.sep_style == SeparatorStyle.PLAIN:
         # stage 1's captions: the image, then the text, nothing between them
-        return ("{% for m in messages %}{% if m.role == 'user' %}{{ m.content | replace('<image>\\n', '<image>') }}"
+        return ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}{{ m.content | replace('<image>\\n', '<image>') }}"
                 "{% elif m.role == 'assistant' %}{{ m.content + " + json.dumps(conv.sep2) + " }}{% endif %}{% endfor %}")
     else:
         raise UsageError(f"conversation template {conv_mode!r} ({conv.sep_style.name}) has no chat-template "
                          "export; pass --conv-mode v1 or another SINGLE/TWO template")
     open_turn = json.dumps(assistant + ":")
-    return ("{% set system = " + system + " %}"
+    # BOS first: vLLM tokenizes a rendered chat without adding special tokens
+    return ("{{ bos_token }}{% set system = " + system + " %}"
             "{% if messages and messages[0].role == 'system' %}{% set system = messages[0].content %}{% endif %}"
             + head +
             "{% for m in messages %}" + turn + "{% endfor %}"

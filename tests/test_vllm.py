@@ -1,0 +1,275 @@
+"""FEALLM on vLLM: `feallm export-vllm` and its refusals; the export served by
+`launch/serve_vllm.sh` answers as the LLaVA runner does, token for token.
+
+The served tests need `.venv-vllm` (`bash launch/bootstrap.sh --env vllm`; `launch/test.sh`
+builds it) and skip, saying so, without it. The tiny kit here has 2 heads of 32 (vLLM's
+CPU attention has no head size 16, the default kit's) and is trained a few steps through
+upstream's train script (48 LoRA steps: after 16, one greedy choice in 16 answers was a tie of 5e-5
+that float rounding decided),
+so the LoRA export path is the one exercised.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from feallm_llava.cli import main as cli
+from feallm_llava.tinykit import KitSpec, build_kit, build_llava
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_VENV = Path(os.environ.get("FEALLM_VLLM_VENV", REPO / ".venv-vllm"))
+needs_vllm = pytest.mark.skipif(
+    not (VLLM_VENV / "bin" / "python").exists(),
+    reason=f"{VLLM_VENV} is absent: `bash launch/bootstrap.sh --env vllm` builds it (launch/test.sh does)")
+SPEC = KitSpec(llm_hidden=64, llm_heads=2)  # head_dim 32
+MAX_TOKENS = 24
+QUESTION = "Please describe the expression in this face."
+
+
+@pytest.fixture(scope="module")
+def vkit(tmp_path_factory):
+    return build_kit(tmp_path_factory.mktemp("vkit"), SPEC)
+
+
+@pytest.fixture(scope="module")
+def trained(vkit, tmp_path_factory):
+    from feallm_llava.recipe import TinyRecipe
+
+    recipe = TinyRecipe(out=tmp_path_factory.mktemp("vtrain"), kit=vkit.root, steps1=2, steps2=48, lr2=3e-3,
+                        save_steps=100)
+    recipe.run()
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def full(vkit, tmp_path_factory):
+    """A full (non-LoRA) FEALLM checkpoint, random projector."""
+    return build_llava(tmp_path_factory.mktemp("vfull") / "tiny-llava-v1-feallm", vkit,
+                       mm_feallm_crop_size=32, mm_feallm_mpp_dim=0)
+
+
+def _export(capsys, *args) -> tuple[int, str, str]:
+    code = cli(["export-vllm", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _safetensor_keys(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return set(f.keys())
+
+
+# -- export-vllm ----------------------------------------------------------------------------
+
+def test_export_places_every_weight_under_hf_llava_names(full, tmp_path, capsys):
+    code, out, _ = _export(capsys, "--model-path", full, "--out", tmp_path / "out", "--dtype", "float32")
+    assert code == 0 and "none missing, none unused" in out
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["architectures"] == ["FeallmLlavaForConditionalGeneration"] and cfg["model_type"] == "llava"
+    assert cfg["feallm_image_tokens"] == 4 * 4 + 1  # the 4 x 4 patch grid and the LCA's token
+    assert cfg["vision_feature_layer"] == [23, 3, 8, 13, 18]  # -2 of 24 layers, then the MPP's
+    assert cfg["mm_feallm_crop_size"] == 32 and cfg["feallm_conv_template"] == "v1"
+    assert cfg["vision_config"]["model_type"] == "clip_vision_model" and cfg["text_config"]["model_type"] == "llama"
+    keys = _safetensor_keys(tmp_path / "out" / "model.safetensors")
+    assert {k.split(".")[0] for k in keys} == {"language_model", "vision_tower", "multi_modal_projector"}
+    assert "language_model.lm_head.weight" in keys
+    assert any(k.startswith("multi_modal_projector.lca.") for k in keys)
+    assert any(k.startswith("vision_tower.vision_model.encoder.layers.23.") for k in keys)
+    template = (tmp_path / "out" / "chat_template.jinja").read_text()
+    assert template.startswith("{{ bos_token }}") and "ASSISTANT:" in template
+    tok = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert any(t["content"] == "<image>" for t in tok["added_tokens_decoder"].values())
+
+
+def test_export_takes_a_plain_llava_15_checkpoint(vkit, tmp_path, capsys):
+    ckpt = build_llava(tmp_path / "tiny-llava-v1-mlp", vkit, projector_type="mlp2x_gelu")
+    assert _export(capsys, "--model-path", ckpt, "--out", tmp_path / "out", "--dtype", "float32")[0] == 0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["mm_projector_type"] == "mlp2x_gelu" and cfg["feallm_image_tokens"] == 16
+    assert cfg["vision_feature_layer"] == 23
+    keys = _safetensor_keys(tmp_path / "out" / "model.safetensors")
+    assert {k for k in keys if k.startswith("multi_modal_projector.")} == {
+        f"multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+
+
+def test_export_refuses_a_folder_without_config(tmp_path, capsys):
+    (tmp_path / "llava-empty").mkdir()
+    code, _, err = _export(capsys, "--model-path", tmp_path / "llava-empty", "--out", tmp_path / "out")
+    assert code == 2 and f"{tmp_path / 'llava-empty' / 'config.json'}: not found" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_export_refuses_a_non_llava_folder(vkit, tmp_path, capsys):
+    code, _, err = _export(capsys, "--model-path", vkit.llm, "--out", tmp_path / "out")
+    assert code == 2 and f"{vkit.llm / 'config.json'}: not a LLaVA checkpoint" in err
+
+
+def test_export_refuses_lora_without_base(trained, tmp_path, capsys):
+    lora = trained.stage_dir(2)
+    code, _, err = _export(capsys, "--model-path", lora, "--out", tmp_path / "out")
+    assert code == 2 and f"{lora / 'adapter_config.json'}: a LoRA checkpoint needs --model-base" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_missing_weight_naming_the_file(full, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / full.name
+    shutil.copytree(full, broken)
+    weights = broken / "model.safetensors"
+    state = load_file(str(weights))
+    dropped = next(k for k in sorted(state) if k.startswith("model.mm_projector."))
+    del state[dropped]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    code, _, err = _export(capsys, "--model-path", broken, "--out", tmp_path / "out")
+    assert code == 2 and f"{weights}: weight {dropped} is missing" in err
+
+
+# -- served by vLLM ---------------------------------------------------------------------------
+
+@dataclass
+class Item:
+    id: str
+    question: str
+    image: str
+    crop: None = None
+
+    def load_image(self) -> Image.Image:
+        return Image.open(self.image).convert("RGB")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def exported(trained, vkit, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vexport") / "feallm"
+    assert cli(["export-vllm", "--model-path", str(trained.stage_dir(2)), "--model-base", str(vkit.llm),
+                "--out", str(out), "--dtype", "float32"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(exported, tmp_path_factory):
+    """`launch/serve_vllm.sh` on a free port of 127.0.0.1; its base URL."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("vserve") / "serve.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FEALLM_VLLM_VENV": str(VLLM_VENV)}
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            ["bash", str(REPO / "launch" / "serve_vllm.sh"), "--model", str(exported), "--port", str(port),
+             "--", "--dtype", "float32", "--enforce-eager", "--max-model-len", "512"],
+            stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"serve_vllm.sh exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(base + "/models", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"vLLM did not come up in 600 s:\n{log.read_text()[-3000:]}")
+                time.sleep(2)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the engine processes it started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def items(trained) -> list[Item]:
+    """16 of the sample faces (64 x 48: the square padding matters)."""
+    images = sorted((trained.data_dir / "images").glob("*.jpg"))[:16]
+    assert len(images) >= 8
+    return [Item(p.stem, QUESTION, str(p)) for p in images]
+
+
+def _runner_token_ids(trained, vkit, items) -> dict[str, list[int]]:
+    from feallm_llava.inference.llava_runner import LlavaBackend
+
+    backend = LlavaBackend(str(trained.stage_dir(2)), str(vkit.llm), device="cpu", max_new_tokens=MAX_TOKENS)
+    rows: list[list[int]] = []
+    decode = backend._decode
+    backend._decode = lambda row: (rows.append(row.tolist()), decode(row))[1]  # the ids it answers with
+    out = {}
+    for batch in (items[:8], items[8:]):
+        rows.clear()
+        backend.generate(batch)
+        for item, row in zip(batch, rows):
+            eos = backend.tokenizer.eos_token_id
+            out[item.id] = row[:row.index(eos) + 1] if eos in row else row
+    return out
+
+
+def _served_token_ids(base: str, model: str, items) -> dict[str, list[int]]:
+    import openai
+
+    client = openai.OpenAI(base_url=base, api_key="EMPTY", max_retries=0)
+    out = {}
+    for item in items:
+        url = "data:image/jpeg;base64," + base64.b64encode(Path(item.image).read_bytes()).decode()
+        response = client.chat.completions.create(
+            model=model, temperature=0, max_tokens=MAX_TOKENS, extra_body={"return_token_ids": True},
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                   {"type": "text", "text": item.question}]}])
+        out[item.id] = list(response.choices[0].token_ids)
+    return out
+
+
+@needs_vllm
+def test_served_greedy_tokens_equal_the_llava_runners(served, exported, trained, vkit, items):
+    runner = _runner_token_ids(trained, vkit, items)
+    vllm = _served_token_ids(served, str(exported), items)
+    assert vllm == runner
+    assert len({tuple(ids) for ids in runner.values()}) > 1  # the answers depend on the image
+
+
+@needs_vllm
+def test_feallm_eval_base_url_answers_equal_model_path(served, exported, trained, vkit, items, tmp_path):
+    data = tmp_path / "fea"
+    data.mkdir()
+    bench = []
+    for item in items:
+        shutil.copy(item.image, data / Path(item.image).name)
+        bench.append({"id": f"s{item.id}", "image": Path(item.image).name, "expression": "Neutral", "aus": [],
+                      "subject": "s0"})
+    (data / "eval.json").write_text(json.dumps(bench))
+    common = ["eval", "--bench", "feabench", "--data", str(data), "--max-new-tokens", str(MAX_TOKENS)]
+    assert cli([*common, "--model-path", str(trained.stage_dir(2)), "--model-base", str(vkit.llm),
+                "--device", "cpu", "--out", str(tmp_path / "llava")]) == 0
+    assert cli([*common, "--openai-model", str(exported), "--base-url", served, "--concurrency", "32",
+                "--out", str(tmp_path / "vllm")]) == 0
+
+    def answers(run: str) -> dict[str, str]:
+        lines = (tmp_path / run / "predictions.jsonl").read_text().splitlines()
+        # An answer cut by the token limit inside a multi-byte character: the runner decodes
+        # the lone bytes as U+FFFD, vLLM's detokenizer holds them back. Same tokens.
+        return {r["id"]: r["answer"].rstrip("\ufffd") for r in map(json.loads, lines)}
+
+    llava, vllm = answers("llava"), answers("vllm")
+    assert len(llava) == 2 * len(items) and vllm == llava
