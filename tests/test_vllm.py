@@ -107,6 +107,18 @@ def test_export_takes_a_plain_llava_15_checkpoint(vkit, tmp_path, capsys):
         f"multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
 
 
+def test_export_takes_a_projector_only_checkpoint_with_its_base(trained, vkit, tmp_path, capsys):
+    stage1 = trained.stage_dir(1)  # mm_projector.bin only, trained with the `plain` template
+    code, out, err = _export(capsys, "--model-path", stage1, "--model-base", vkit.llm, "--out", tmp_path / "out")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["feallm_conv_template"] == "plain" and "projector 75" in out
+    # stage 1's prompt: the image, then the caption's text, nothing between
+    assert "replace('<image>\\n', '<image>')" in (tmp_path / "out" / "chat_template.jinja").read_text()
+    code, _, err = _export(capsys, "--model-path", stage1, "--out", tmp_path / "out2")
+    assert code == 2 and f"{stage1 / 'mm_projector.bin'}: a projector-only checkpoint needs --model-base" in err
+
+
 def test_export_refuses_a_folder_without_config(tmp_path, capsys):
     (tmp_path / "llava-empty").mkdir()
     code, _, err = _export(capsys, "--model-path", tmp_path / "llava-empty", "--out", tmp_path / "out")
@@ -273,3 +285,56 @@ def test_feallm_eval_base_url_answers_equal_model_path(served, exported, trained
 
     llava, vllm = answers("llava"), answers("vllm")
     assert len(llava) == 2 * len(items) and vllm == llava
+
+
+# -- launch/serve_vllm.sh's command line (a stand-in python that prints what it is given) --------
+
+def _serve(tmp_path, *args) -> subprocess.CompletedProcess:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True, exist_ok=True)
+    fake = venv / "bin" / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "ARGS $*"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "FEALLM_VLLM_VENV": str(venv)}
+    env.pop("FEALLM_SERVE_HOST", None)
+    return subprocess.run(["bash", str(REPO / "launch" / "serve_vllm.sh"), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.fixture
+def export_dir(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"architectures": ["FeallmLlavaForConditionalGeneration"]}))
+    return out
+
+
+def test_serve_binds_to_localhost_with_the_plugins_tokenizer(tmp_path, export_dir):
+    proc = _serve(tmp_path, "--model", export_dir)
+    assert proc.returncode == 0, proc.stderr
+    args = proc.stdout.splitlines()[-1].split()
+    assert args[:3] == ["ARGS", "-m", "vllm.entrypoints.openai.api_server"]
+    assert args[args.index("--host") + 1] == "127.0.0.1" and args[args.index("--port") + 1] == "8000"
+    assert args[args.index("--tokenizer-mode") + 1] == "feallm_llava"
+    assert "WARNING" not in proc.stderr
+
+
+def test_serve_passes_parallelism_and_warns_off_localhost(tmp_path, export_dir):
+    proc = _serve(tmp_path, "--model", export_dir, "--host", "0.0.0.0", "--api-key", "s3cret",
+                  "--tensor-parallel-size", "4", "--pipeline-parallel-size", "2", "--", "--max-model-len", "4096")
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING: serving on 0.0.0.0" in proc.stderr
+    shown = next(line for line in proc.stdout.splitlines() if line.startswith("[serve_vllm]"))
+    assert "s3cret" not in shown  # the key is not echoed
+    args = proc.stdout.splitlines()[-1].split()
+    for flag, value in (("--tensor-parallel-size", "4"), ("--pipeline-parallel-size", "2"),
+                        ("--api-key", "s3cret"), ("--max-model-len", "4096"), ("--host", "0.0.0.0")):
+        assert args[args.index(flag) + 1] == value
+
+
+def test_serve_refuses_a_folder_that_is_not_an_export(tmp_path, full):
+    proc = _serve(tmp_path, "--model", full)
+    assert proc.returncode == 2 and f"{full}/config.json: not a feallm export-vllm folder" in proc.stderr
+    proc = _serve(tmp_path, "--model", tmp_path / "nowhere")
+    assert proc.returncode == 2 and f"{tmp_path / 'nowhere'}/config.json: not found" in proc.stderr
+    assert _serve(tmp_path).returncode == 2

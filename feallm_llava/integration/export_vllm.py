@@ -276,7 +276,7 @@ def chat_template(conv_mode: str) -> str:
     elif conv.sep_style == SeparatorStyle.PLAIN:
         # stage 1's captions: the image, then the text, nothing between them
         return ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}{{ m.content | replace('<image>\\n', '<image>') }}"
-                "{% elif m.role == 'assistant' %}{{ m.content + " + json.dumps(conv.sep2) + " }}{% endif %}{% endfor %}")
+                "{% elif m.role == 'assistant' %}{{ m.content + " + json.dumps(conv.sep2 or "") + " }}{% endif %}{% endfor %}")
     else:
         raise UsageError(f"conversation template {conv_mode!r} ({conv.sep_style.name}) has no chat-template "
                          "export; pass --conv-mode v1 or another SINGLE/TWO template")
