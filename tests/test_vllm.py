@@ -15,11 +15,7 @@ import base64
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,12 +161,6 @@ class Item:
         return Image.open(self.image).convert("RGB")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def exported(trained, vkit, tmp_path_factory):
     out = tmp_path_factory.mktemp("vexport") / "feallm"
@@ -181,36 +171,13 @@ def exported(trained, vkit, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(exported, tmp_path_factory):
-    """`launch/serve_vllm.sh` on a free port of 127.0.0.1; its base URL."""
-    port = _free_port()
+    """`launch/serve_vllm.sh` on a free port of 127.0.0.1 (the benchmark's helper); its base URL."""
+    from feallm_llava.bench.vllm_serving import vllm_server
+
     log = tmp_path_factory.mktemp("vserve") / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FEALLM_VLLM_VENV": str(VLLM_VENV)}
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            ["bash", str(REPO / "launch" / "serve_vllm.sh"), "--model", str(exported), "--port", str(port),
-             "--", "--dtype", "float32", "--enforce-eager", "--max-model-len", "512"],
-            stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve_vllm.sh exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(base + "/models", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"vLLM did not come up in 600 s:\n{log.read_text()[-3000:]}")
-                time.sleep(2)
+    with vllm_server(exported, venv=VLLM_VENV, log=log, timeout=600,
+                     vllm_args=("--dtype", "float32", "--enforce-eager", "--max-model-len", "512")) as base:
         yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the engine processes it started
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -338,3 +305,13 @@ def test_serve_refuses_a_folder_that_is_not_an_export(tmp_path, full):
     proc = _serve(tmp_path, "--model", tmp_path / "nowhere")
     assert proc.returncode == 2 and f"{tmp_path / 'nowhere'}/config.json: not found" in proc.stderr
     assert _serve(tmp_path).returncode == 2
+
+
+@needs_vllm
+def test_served_model_answers_a_question_without_an_image(served, exported):
+    import openai
+
+    client = openai.OpenAI(base_url=served, api_key="EMPTY", max_retries=0)
+    response = client.chat.completions.create(model=str(exported), temperature=0, max_tokens=8,
+                                              messages=[{"role": "user", "content": "Hello"}])
+    assert response.choices[0].finish_reason in ("stop", "length")
