@@ -188,15 +188,15 @@ def items(trained) -> list[Item]:
     return [Item(p.stem, QUESTION, str(p)) for p in images]
 
 
-def _runner_token_ids(trained, vkit, items) -> dict[str, list[int]]:
+def _runner_token_ids(checkpoint: Path, base: Path, items) -> dict[str, list[int]]:
     from feallm_llava.inference.llava_runner import LlavaBackend
 
-    backend = LlavaBackend(str(trained.stage_dir(2)), str(vkit.llm), device="cpu", max_new_tokens=MAX_TOKENS)
+    backend = LlavaBackend(str(checkpoint), str(base), device="cpu", max_new_tokens=MAX_TOKENS)
     rows: list[list[int]] = []
     decode = backend._decode
     backend._decode = lambda row: (rows.append(row.tolist()), decode(row))[1]  # the ids it answers with
     out = {}
-    for batch in (items[:8], items[8:]):
+    for batch in (items[i:i + 8] for i in range(0, len(items), 8)):
         rows.clear()
         backend.generate(batch)
         for item, row in zip(batch, rows):
@@ -222,7 +222,7 @@ def _served_token_ids(base: str, model: str, items) -> dict[str, list[int]]:
 
 @needs_vllm
 def test_served_greedy_tokens_equal_the_llava_runners(served, exported, trained, vkit, items):
-    runner = _runner_token_ids(trained, vkit, items)
+    runner = _runner_token_ids(trained.stage_dir(2), vkit.llm, items)
     vllm = _served_token_ids(served, str(exported), items)
     assert vllm == runner
     assert len({tuple(ids) for ids in runner.values()}) > 1  # the answers depend on the image
@@ -315,3 +315,20 @@ def test_served_model_answers_a_question_without_an_image(served, exported):
     response = client.chat.completions.create(model=str(exported), temperature=0, max_tokens=8,
                                               messages=[{"role": "user", "content": "Hello"}])
     assert response.choices[0].finish_reason in ("stop", "length")
+
+
+@needs_vllm
+def test_served_plain_llava_15_tokens_equal_the_llava_runners(vkit, items, tmp_path):
+    from feallm_llava.bench.vllm_serving import vllm_server
+    from feallm_llava.recipe import TinyRecipe
+
+    recipe = TinyRecipe(out=tmp_path / "train", kit=vkit.root, data=Path(items[0].image).parents[1], steps1=2,
+                        steps2=48, lr2=3e-3, save_steps=100, projector="mlp2x_gelu")
+    recipe.run()
+    out = tmp_path / "export"
+    assert cli(["export-vllm", "--model-path", str(recipe.stage_dir(2)), "--model-base", str(vkit.llm),
+                "--out", str(out), "--dtype", "float32"]) == 0
+    with vllm_server(out, venv=VLLM_VENV, log=tmp_path / "serve.log", timeout=600,
+                     vllm_args=("--dtype", "float32", "--enforce-eager", "--max-model-len", "512")) as base:
+        served = _served_token_ids(base, str(out), items[:8])
+    assert served == _runner_token_ids(recipe.stage_dir(2), vkit.llm, items[:8])

@@ -85,7 +85,7 @@ class FeallmLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Support
         # non-negative indices: only the layers read are built, so -k would count from the wrong end
         self.select_layer = layers[0] if layers[0] >= 0 else num_layers + 1 + layers[0]
         self.shallow_layers = [i if i >= 0 else num_layers + 1 + i for i in shallow]
-        deepest = max(self.select_layer, *self.shallow_layers)
+        deepest = max([self.select_layer, *self.shallow_layers])
         self.grid = (vision.image_size // vision.patch_size,) * 2
 
         self.configure_mm_token_handling(vocab_size=config.text_config.vocab_size,
