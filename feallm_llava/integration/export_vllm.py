@@ -141,7 +141,7 @@ def check_sources(model, model_path: Path, model_base: Path | None, kind: str, t
     tower = {k for k in state if k.startswith("model.vision_tower.")}
     projector = {k for k in state if k.startswith("model.mm_projector.")}
     llm = set(state) - tower - projector
-    counts = {"llm": len(llm), "projector": len(projector), "vision": len(tower)}
+    counts = {"llm": len(llm), "projector": len(projector), "vision": len(tower), "unused": 0}
 
     def require(wanted: set[str], have: set[str], where: Path) -> None:
         missing = sorted(wanted - have)
@@ -153,6 +153,8 @@ def check_sources(model, model_path: Path, model_base: Path | None, kind: str, t
     if kind == "full":
         keys, where = _folder_keys(model_path)
         require(llm | projector, keys, where)
+        # in the files but not in the model (upstream's loader ignores them too): said, not exported
+        counts["unused"] = len(keys - llm - projector - tower)
     else:
         keys, where = _folder_keys(model_base)
         require(llm, keys, where)
@@ -339,8 +341,9 @@ def export(model_path: str | os.PathLike, out: str | os.PathLike, model_base: st
 
     out.mkdir(parents=True, exist_ok=True)
     state = exported_state(model, model.config.mm_projector_type, target)
-    if len(state) != sum(counts.values()):
-        raise ValueError(f"{len(state)} exported weights for {sum(counts.values())} loaded ones")
+    loaded = counts["llm"] + counts["projector"] + counts["vision"]
+    if len(state) != loaded:
+        raise ValueError(f"{len(state)} exported weights for {loaded} loaded ones")
     from safetensors.torch import save_file
 
     tmp = out / "model.safetensors.tmp"
@@ -357,8 +360,10 @@ def export(model_path: str | os.PathLike, out: str | os.PathLike, model_base: st
     summary = {"out": str(out), "kind": kind, "projector": model.config.mm_projector_type,
                "weights": counts, "placed": len(state), "image_tokens": cfg["feallm_image_tokens"],
                "conv_template": template_name, "dtype": dtype_name}
+    unused = (f"{counts['unused']} tensors of the checkpoint's files are no weight of the model (upstream's "
+              "loader ignores them; not exported)") if counts["unused"] else "none unused"
     log(f"[export-vllm] placed all {len(state)} weights (LLM {counts['llm']}, projector {counts['projector']}, "
-        f"CLIP {counts['vision']}); none missing, none unused; {cfg['feallm_image_tokens']} tokens an image; "
+        f"CLIP {counts['vision']}); none missing, {unused}; {cfg['feallm_image_tokens']} tokens an image; "
         f"template {template_name}; wrote {out}")
     return summary
 
