@@ -150,6 +150,19 @@ def test_export_refuses_a_missing_weight_naming_the_file(full, tmp_path, capsys)
 
 # -- served by vLLM ---------------------------------------------------------------------------
 
+@needs_vllm
+def test_model_and_plugin_import_in_vllms_environment_without_llava():
+    code = ("import sys, transformers, importlib.metadata as md\n"
+            "import feallm_llava.model.projector, feallm_llava.vllm.model\n"
+            "eps = [e.value for e in md.entry_points(group='vllm.general_plugins') if e.name == 'feallm']\n"
+            "print(transformers.__version__.split('.')[0], 'llava' in sys.modules, eps)")
+    proc = subprocess.run([str(VLLM_VENV / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                          timeout=300, check=False, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == (
+        "5 False ['feallm_llava.vllm.plugin:register']")
+
+
 @dataclass
 class Item:
     id: str

@@ -17,8 +17,9 @@ the `feallm` projector behave exactly as in every other tool of ours) and writes
     generation_config.json   greedy by default, the tokenizer's end-of-sequence id
 
 Every weight of the loaded model is placed under exactly one new name, and every weight
-the model needs is checked to come from a file (a missing one is an error naming the
-file, never a random tensor). `feallm_llava.vllm` loads the result.
+the model needs is checked to come from a file (the CLIP tower's when it is a local
+folder; a missing one is an error naming the file, never a random tensor).
+`feallm_llava.vllm` loads the result and fails on any missing or unknown name.
 """
 
 from __future__ import annotations
