@@ -182,6 +182,35 @@ def exported(trained, vkit, tmp_path_factory):
     return out
 
 
+@needs_vllm
+@pytest.mark.parametrize("legacy", [True, False])
+def test_vllm_tokenizer_gives_upstreams_prompt_ids(exported, tmp_path, legacy):
+    """Upstream's `tokenizer_image_token` (transformers 4.x slow tokenizer) and the plugin's
+    tokenizer (transformers 5, vLLM's side) give the same ids, `legacy` either way
+    (Vicuna-v1.5's tokenizer is non-legacy)."""
+    from llava.mm_utils import tokenizer_image_token
+    from transformers import AutoTokenizer
+
+    from feallm_llava.inference.llava_runner import render_conversation
+
+    folder = tmp_path / "tok"
+    shutil.copytree(exported, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": legacy}))
+    slow = AutoTokenizer.from_pretrained(folder, use_fast=False)
+    image_id = slow.convert_tokens_to_ids("<image>")
+    questions = [QUESTION, "What AUs?  Answer briefly.\nOk", "¿Qué emoción? 😀", " leading space", "AU12 and AU 6"]
+    prompts = [render_conversation([("<image>\n" + q, None)], "v1") for q in questions]
+    want = [[image_id if i == -200 else i for i in tokenizer_image_token(p, slow, -200)] for p in prompts]
+    code = ("import json, sys\nfrom feallm_llava.vllm.tokenizer import LlavaLlamaTokenizer\n"
+            "tok = LlavaLlamaTokenizer.from_pretrained(sys.argv[1])\n"
+            "print(json.dumps([tok(p).input_ids for p in json.loads(sys.argv[2])]))")
+    proc = subprocess.run([str(VLLM_VENV / "bin" / "python"), "-c", code, str(folder), json.dumps(prompts)],
+                          capture_output=True, text=True, timeout=300, check=False, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == want
+
+
 @pytest.fixture(scope="module")
 def served(exported, tmp_path_factory):
     """`launch/serve_vllm.sh` on a free port of 127.0.0.1 (the benchmark's helper); its base URL."""
