@@ -80,6 +80,7 @@ def test_export_places_every_weight_under_hf_llava_names(full, tmp_path, capsys)
     assert cfg["feallm_image_tokens"] == 4 * 4 + 1  # the 4 x 4 patch grid and the LCA's token
     assert cfg["vision_feature_layer"] == [23, 3, 8, 13, 18]  # -2 of 24 layers, then the MPP's
     assert cfg["mm_feallm_crop_size"] == 32 and cfg["feallm_conv_template"] == "v1"
+    assert "feallm_stop" not in cfg  # v1's answers end with EOS
     assert cfg["vision_config"]["model_type"] == "clip_vision_model" and cfg["text_config"]["model_type"] == "llama"
     keys = _safetensor_keys(tmp_path / "out" / "model.safetensors")
     assert {k.split(".")[0] for k in keys} == {"language_model", "vision_tower", "multi_modal_projector"}
@@ -109,6 +110,7 @@ def test_export_takes_a_projector_only_checkpoint_with_its_base(trained, vkit, t
     assert code == 0, err
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["feallm_conv_template"] == "plain" and "projector 75" in out
+    assert cfg["feallm_stop"] == "\n" and "send stop=['\\n']" in out  # vLLM stops at EOS only
     # stage 1's prompt: the image, then the caption's text, nothing between
     assert "replace('<image>\\n', '<image>')" in (tmp_path / "out" / "chat_template.jinja").read_text()
     code, _, err = _export(capsys, "--model-path", stage1, "--out", tmp_path / "out2")

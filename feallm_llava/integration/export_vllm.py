@@ -292,6 +292,14 @@ def chat_template(conv_mode: str) -> str:
             "{% if add_generation_prompt %}{{ " + open_turn + " }}{% endif %}")
 
 
+def _answer_end(conv_mode: str) -> str:
+    """The text after which the LLaVA runner cuts an answer in template `conv_mode`."""
+    from llava.conversation import SeparatorStyle, conv_templates
+
+    conv = conv_templates[conv_mode]
+    return conv.sep2 if conv.sep_style in (SeparatorStyle.TWO, SeparatorStyle.LLAMA_2) else conv.sep
+
+
 def _save_tokenizer(tokenizer, out: Path, template: str) -> int:
     """The tokenizer with `<image>` added (vLLM's placeholder); returns the token's id."""
     if IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -355,6 +363,12 @@ def export(model_path: str | os.PathLike, out: str | os.PathLike, model_base: st
     image_processor.save_pretrained(str(out))
     cfg = hf_config(model, tower, image_token_id, dtype_name)
     cfg["feallm_conv_template"] = template_name
+    stop = _answer_end(template_name)
+    if stop != tokenizer.eos_token:
+        # vLLM stops at EOS only; the LLaVA runner also cuts at the template's separator
+        cfg["feallm_stop"] = stop
+        log(f"[export-vllm] note: template {template_name} ends answers with {stop!r}, not EOS: "
+            f"send stop=[{stop!r}] with each request (recorded as feallm_stop in config.json)")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
