@@ -54,6 +54,15 @@ cmd=("$venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$model" -
 [ -z "$api_key" ] || cmd+=(--api-key "$api_key")
 if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; }; then
   cmd+=(--gpu-memory-utilization "${FEALLM_VLLM_CPU_MEMORY:-0.2}")
+  # vLLM's CPU attention has kernels for these head sizes only (v1/attention/backends/cpu_attn.py);
+  # another fails minutes later inside the engine
+  head="$("$venv/bin/python" -c 'import json, sys
+t = json.load(open(sys.argv[1]))["text_config"]
+print(t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"])' "$model/config.json" 2>/dev/null || echo "")"
+  case " 32 64 80 96 112 128 160 192 224 256 512 " in
+    *" $head "*) ;;
+    *) [ -z "$head" ] || die "$model/config.json: the LLM's head size $head has no CPU attention in vLLM (32, 64, 80, 96, 112, 128, ...); serve it on a GPU" ;;
+  esac
 fi
 cmd+=("${extra[@]}")
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -304,7 +305,8 @@ def _serve(tmp_path, *args) -> subprocess.CompletedProcess:
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True, exist_ok=True)
     fake = venv / "bin" / "python"
-    fake.write_text('#!/usr/bin/env bash\necho "ARGS $*"\n')
+    # its own checks (`python -c ...`) run; the server is replaced by an echo of its flags
+    fake.write_text(f'#!/usr/bin/env bash\n[ "$1" != -c ] || exec {sys.executable} "$@"\necho "ARGS $*"\n')
     fake.chmod(0o755)
     env = {**os.environ, "FEALLM_VLLM_VENV": str(venv)}
     env.pop("FEALLM_SERVE_HOST", None)
@@ -316,7 +318,8 @@ def _serve(tmp_path, *args) -> subprocess.CompletedProcess:
 def export_dir(tmp_path):
     out = tmp_path / "export"
     out.mkdir()
-    (out / "config.json").write_text(json.dumps({"architectures": ["FeallmLlavaForConditionalGeneration"]}))
+    (out / "config.json").write_text(json.dumps({"architectures": ["FeallmLlavaForConditionalGeneration"],
+                                                 "text_config": {"hidden_size": 64, "num_attention_heads": 2}}))
     return out
 
 
@@ -341,6 +344,16 @@ def test_serve_passes_parallelism_and_warns_off_localhost(tmp_path, export_dir):
     for flag, value in (("--tensor-parallel-size", "4"), ("--pipeline-parallel-size", "2"),
                         ("--api-key", "s3cret"), ("--max-model-len", "4096"), ("--host", "0.0.0.0")):
         assert args[args.index(flag) + 1] == value
+
+
+def test_serve_on_a_cpu_refuses_a_head_size_vllm_has_no_cpu_kernel_for(tmp_path, export_dir):
+    if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi"], capture_output=True, check=False).returncode == 0:
+        pytest.skip("a GPU is here: the CPU attention check does not apply")
+    config = json.loads((export_dir / "config.json").read_text())
+    config["text_config"]["num_attention_heads"] = 4  # head size 16, the default tiny kit's
+    (export_dir / "config.json").write_text(json.dumps(config))
+    proc = _serve(tmp_path, "--model", export_dir)
+    assert proc.returncode == 2 and "head size 16 has no CPU attention in vLLM" in proc.stderr
 
 
 def test_serve_refuses_a_folder_that_is_not_an_export(tmp_path, full):
