@@ -17,8 +17,8 @@ the `feallm` projector behave exactly as in every other tool of ours) and writes
     generation_config.json   greedy by default, the tokenizer's end-of-sequence id
 
 Every weight of the loaded model is placed under exactly one new name, and every weight
-the model needs is checked to come from a file (the CLIP tower's when it is a local
-folder; a missing one is an error naming the file, never a random tensor).
+the model needs is checked to come from a file (a hub id's from the local HF cache, as the
+loader reads it; a missing one is an error naming the file, never a random tensor).
 `feallm_llava.vllm` loads the result and fails on any missing or unknown name.
 """
 
@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 
 from feallm_llava.errors import UsageError
+from feallm_llava.integration.paths import looks_local
 
 ARCHITECTURE = "FeallmLlavaForConditionalGeneration"
 IMAGE_TOKEN = "<image>"
@@ -85,7 +86,9 @@ def check_inputs(model_path: Path, model_base: Path | None) -> tuple[dict, str]:
                          "needs --model-base (the LLM it was trained on)")
     if kind == "full" and model_base is not None:
         raise UsageError(f"{model_path}: a full checkpoint (weights in the folder) takes no --model-base")
-    if model_base is not None and not (model_base / "config.json").is_file():
+    # a hub id is the loader's to resolve (the HF cache, or a download when not offline)
+    if model_base is not None and (model_base.exists() or looks_local(str(model_base))) \
+            and not (model_base / "config.json").is_file():
         raise UsageError(f"{model_base / 'config.json'}: not found; --model-base must be the LLM's folder")
     if "llava" not in model_path.name.lower():
         raise UsageError(f"{model_path}: upstream's loader loads a LLaVA model only when 'llava' is in the "
@@ -97,6 +100,21 @@ def check_inputs(model_path: Path, model_base: Path | None) -> tuple[dict, str]:
 
 
 # -- which weights come from a file --------------------------------------------------------
+
+def local_folder(path: str) -> Path:
+    """`path` itself, or a hub id's folder in the local HF cache (never fetched: the loader
+    reads the same copy), or `path` unchanged when it is neither."""
+    folder = Path(path)
+    if folder.exists() or looks_local(path):
+        return folder
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(path, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return folder
+
 
 def file_keys(path: Path) -> set[str]:
     """Tensor names in a weight file, without loading the tensors (safetensors) or code (.bin)."""
@@ -157,7 +175,7 @@ def check_sources(model, model_path: Path, model_base: Path | None, kind: str, t
         # in the files but not in the model (upstream's loader ignores them too): said, not exported
         counts["unused"] = len(keys - llm - projector - tower)
     else:
-        keys, where = _folder_keys(model_base)
+        keys, where = _folder_keys(local_folder(str(model_base)))
         require(llm, keys, where)
         stem = "non_lora_trainables" if kind == "lora" else "mm_projector"
         where = _adapter_file(model_path, stem)
@@ -165,7 +183,7 @@ def check_sources(model, model_path: Path, model_base: Path | None, kind: str, t
         have = {("model." + k if not k.startswith("model.") else k) for k in have} | {
             "model.mm_projector." + k for k in have}  # projector-only files may hold bare 0.weight ...
         require(projector, have, where)
-    tower_dir = Path(tower_path)
+    tower_dir = local_folder(tower_path)
     if tower_dir.is_dir():
         keys, where = _folder_keys(tower_dir)
         require({_strip(k, ("model.vision_tower.vision_tower.",)) for k in tower}, keys, where)
