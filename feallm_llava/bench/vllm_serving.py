@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a LLaVA checkpoint (default: the tiny FEALLM, trained here)")
     parser.add_argument("--model-base", type=Path, default=None, help="its base LLM (LoRA / projector-only)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="of the export, vLLM and the runner (default: float32 on cpu, float16 on cuda; "
+                             "half precision: the two engines' kernels may break near-ties apart)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where the kit, checkpoint and export are kept (default: a temporary folder)")
     parser.add_argument("--vllm-venv", type=Path,
@@ -157,7 +160,7 @@ def run(args: argparse.Namespace) -> dict:
             model_path, model_base = tiny_checkpoint(root)
         else:
             model_path, model_base = args.model_path, args.model_base
-        dtype = "float32" if args.device == "cpu" else "float16"  # the runner's default on each
+        dtype = args.dtype or ("float32" if args.device == "cpu" else "float16")  # the runner's default on each
         exported = root / "vllm-export"
         with _stdout_to_stderr():
             export(model_path, exported, model_base, dtype=dtype)
@@ -186,7 +189,7 @@ def run(args: argparse.Namespace) -> dict:
     n = len(items)
     b = args.batch_size
     return {
-        "items": n, "max_new_tokens": args.max_new_tokens, "device": args.device,
+        "items": n, "max_new_tokens": args.max_new_tokens, "device": args.device, "dtype": dtype,
         "checkpoint": str(model_path), "concurrency": args.concurrency,
         "items_per_s_vllm": round(n / t_vllm, 3),
         f"items_per_s_llava_batch{b}": round(n / t_batch, 3),
