@@ -90,10 +90,13 @@ def check_inputs(model_path: Path, model_base: Path | None) -> tuple[dict, str]:
     if model_base is not None and (model_base.exists() or looks_local(str(model_base))) \
             and not (model_base / "config.json").is_file():
         raise UsageError(f"{model_base / 'config.json'}: not found; --model-base must be the LLM's folder")
-    if "llava" not in model_path.name.lower():
+    # the model name upstream's loader decides by (a Trainer's checkpoint-N: its run folder's too)
+    name = model_path.name if not model_path.name.startswith("checkpoint-") else \
+        f"{model_path.parent.name}_{model_path.name}"
+    if "llava" not in name.lower():
         raise UsageError(f"{model_path}: upstream's loader loads a LLaVA model only when 'llava' is in the "
                          "folder name; rename the folder")
-    if kind == "lora" and "lora" not in model_path.name.lower():
+    if kind == "lora" and "lora" not in name.lower():
         raise UsageError(f"{model_path}: upstream's loader merges a LoRA adapter only when 'lora' is in the "
                          "folder name; rename the folder")
     return config, kind
@@ -123,9 +126,14 @@ def file_keys(path: Path) -> set[str]:
 
         with safe_open(str(path), framework="pt") as f:
             return set(f.keys())
+    import pickle
+
     import torch
 
-    return set(torch.load(path, map_location="meta", weights_only=True, mmap=True))
+    try:
+        return set(torch.load(path, map_location="meta", weights_only=True, mmap=True))
+    except (RuntimeError, pickle.UnpicklingError, OSError) as err:
+        raise UsageError(f"{path}: cannot read its tensor names ({err}); a plain tensor file was expected") from err
 
 
 def _folder_keys(folder: Path) -> tuple[set[str], Path]:
