@@ -389,3 +389,10 @@ def test_served_plain_llava_15_tokens_equal_the_llava_runners(vkit, items, tmp_p
                      vllm_args=("--dtype", "float32", "--enforce-eager", "--max-model-len", "512")) as base:
         served = _served_token_ids(base, str(out), items[:8])
     assert served == _runner_token_ids(recipe.stage_dir(2), vkit.llm, items[:8])
+
+
+def test_bench_vllm_without_vllms_environment_says_how_to_make_it(tmp_path, capsys):
+    from feallm_llava.bench.__main__ import main as bench
+
+    assert bench(["vllm", "--vllm-venv", str(tmp_path / "none"), "--work-dir", str(tmp_path / "w")]) == 2
+    assert "bash launch/bootstrap.sh --env vllm" in capsys.readouterr().err
