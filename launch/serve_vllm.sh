@@ -52,6 +52,11 @@ venv="${FEALLM_VLLM_VENV:-$root/.venv-vllm}"
 cmd=("$venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$model" --host "$host" --port "$port" --tokenizer-mode feallm_llava
      --tensor-parallel-size "$tp" --pipeline-parallel-size "$pp" --limit-mm-per-prompt '{"image": 1}')
 [ -z "$api_key" ] || cmd+=(--api-key "$api_key")
+# the precision the export was written in (vLLM's "auto" would serve float32 weights in bf16);
+# a --dtype after -- overrides it
+dtype="$("$venv/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("torch_dtype", ""))' \
+  "$model/config.json" 2>/dev/null || echo "")"
+case "$dtype" in float32|float16|bfloat16) cmd+=(--dtype "$dtype") ;; esac
 if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; }; then
   cmd+=(--gpu-memory-utilization "${FEALLM_VLLM_CPU_MEMORY:-0.2}")
   # vLLM's CPU attention has kernels for these head sizes only (v1/attention/backends/cpu_attn.py);

@@ -319,7 +319,8 @@ def export_dir(tmp_path):
     out = tmp_path / "export"
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"architectures": ["FeallmLlavaForConditionalGeneration"],
-                                                 "text_config": {"hidden_size": 64, "num_attention_heads": 2}}))
+                                                 "text_config": {"hidden_size": 64, "num_attention_heads": 2},
+                                                 "torch_dtype": "float32"}))
     return out
 
 
@@ -330,6 +331,7 @@ def test_serve_binds_to_localhost_with_the_plugins_tokenizer(tmp_path, export_di
     assert args[:3] == ["ARGS", "-m", "vllm.entrypoints.openai.api_server"]
     assert args[args.index("--host") + 1] == "127.0.0.1" and args[args.index("--port") + 1] == "8000"
     assert args[args.index("--tokenizer-mode") + 1] == "feallm_llava"
+    assert args[args.index("--dtype") + 1] == "float32"  # the export's, not vLLM's bf16 for float32 weights
     assert "WARNING" not in proc.stderr
 
 
