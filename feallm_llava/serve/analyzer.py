@@ -190,10 +190,8 @@ class Analyzer:
         Smoother(smooth, None, None, None)  # checks the window
         IouTracker(track_iou)               # checks the threshold
         self.backend = backend
-        self.detect = detect
-        self.require_face = require_face
-        self.margin = margin
-        self.crop_shift = crop_shift
+        self.detect, self.require_face = detect, require_face
+        self.margin, self.crop_shift = margin, crop_shift   # how a detector's box becomes the crop
         self.batch_size = batch_size
         self.questions = {**DEFAULT_QUESTIONS, **(questions or {})}
         unknown = set(self.questions) - set(TASKS)
