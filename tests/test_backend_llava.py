@@ -95,6 +95,10 @@ def test_padded_batch_builds_its_masks_without_vmap(backend, items, monkeypatch)
                       kv_offset=offset, attention_mask=mask, allow_is_causal_skip=skip)
         want, got = original(**kwargs), masking_utils.sdpa_mask(**kwargs)
         assert (want is None and got is None) or (want.dtype == got.dtype and torch.equal(want, got)), kwargs
+    # any other mask function goes to the original, called positionally as transformers does
+    window = masking_utils.sliding_window_causal_mask_function(3)
+    args = (2, torch.arange(2, 6), 6, 0, window, torch.ones(2, 6, dtype=torch.bool), None, False)
+    assert torch.equal(masking_utils.sdpa_mask(*args), original(*args))
 
     vmapped = []
     real = masking_utils._vmap_for_bhqkv

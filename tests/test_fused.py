@@ -64,3 +64,15 @@ def test_onednn_only_without_autograd_on_cpu_and_not_under_torch_compile(monkeyp
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         fused.matmul(x, w)  # torch.compile lowers F.linear to oneDNN itself
     assert calls == [1]
+
+
+def test_add_projection_under_autocast_takes_autocasts_dtypes():
+    """Mixed-precision training (QLoRA's bf16): the activations arrive in bf16, the
+    projector's weights stay float32; the result is what the unfused form gives."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 6)
+    residual, heads = torch.randn(2, 5, 6), torch.randn(2, 5, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = residual + linear(heads)
+        got = add_projection(residual, heads, linear)
+    assert got.dtype == want.dtype and torch.equal(got, want)

@@ -96,6 +96,8 @@ def add_projection(residual: Tensor, heads: Tensor, linear: nn.Linear, scale: Te
         bias = None if bias is None else bias * scale
     if _onednn(heads, weight):
         return matmul(heads, weight, bias).add_(residual)
+    if torch.is_autocast_enabled(heads.device.type) or not heads.dtype == weight.dtype == residual.dtype:
+        return residual + F.linear(heads, weight, bias)  # mixed precision: autocast picks the dtypes
     out = (residual.clone() if bias is None else residual + bias).contiguous()
     out.view(-1, out.shape[-1]).addmm_(heads.reshape(-1, heads.shape[-1]), weight.t())
     return out

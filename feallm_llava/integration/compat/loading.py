@@ -110,10 +110,11 @@ def padded_batch_mask(_module):
     def make(original):
         def sdpa_mask(batch_size, cache_position, kv_length, kv_offset=0,
                       mask_function=masking_utils.causal_mask_function, attention_mask=None,
-                      local_size=None, allow_is_causal_skip=True, allow_torch_fix=True, **kwargs):
-            if mask_function is not masking_utils.causal_mask_function:
-                return original(batch_size, cache_position, kv_length, kv_offset, mask_function, attention_mask,
-                                local_size, allow_is_causal_skip, allow_torch_fix, **kwargs)
+                      local_size=None, allow_is_causal_skip=True, **kwargs):
+            if mask_function is not masking_utils.causal_mask_function:  # by keyword: the originals differ
+                return original(batch_size, cache_position, kv_length, kv_offset=kv_offset,
+                                mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
+                                allow_is_causal_skip=allow_is_causal_skip, **kwargs)
             padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset, _slice=False)
             if allow_is_causal_skip and masking_utils._ignore_causal_mask_sdpa(
                     padding, cache_position.shape[0], kv_length, kv_offset, local_size):
