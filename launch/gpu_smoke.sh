@@ -8,7 +8,9 @@
 # loaded in 4-bit with a generation, upstream's eval script llava.eval.model_vqa_loader on
 # the LoRA checkpoint as LLaVA's scripts call it, then the projector and throughput
 # benchmarks on the GPU. Prints one PASS/FAIL (or SKIP) line per step; exits 1 when any
-# step fails.
+# step fails. The benchmarks end with their verdicts, e.g.
+#   FEALLM projector / tower = N% at batch 1, bfloat16, CUDA graph (target <= 10%: met; eager N%, CUDA graph N%)
+#   feallm (sampled prompts) batch 8 / batch 1 = Nx (target >= 4x: met; CPU time Nx)
 #
 #   bash launch/gpu_smoke.sh                  # writes runs/gpu_smoke/
 #   OUT=/tmp/smoke ZERO=3 bash launch/gpu_smoke.sh

@@ -142,7 +142,7 @@ def test_resume_after_sigkill_finishes_with_same_projector_keys(kit, tmp_path, t
     proc = subprocess.Popen(["bash", str(ROOT / "launch" / "tiny_cpu.sh")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
-    while not list(stage1.glob("checkpoint-*/trainer_state.json")):
+    while not list(stage1.glob("checkpoint-*/feallm_checkpoint_complete")):
         assert proc.poll() is None and time.time() < deadline, "stage 1 ended before its first checkpoint"
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -184,3 +184,27 @@ def test_training_from_a_llava_checkpoint_starts_feallm_from_its_mlp(kit, tmp_pa
     tokenizer, model, processor, _ = _load(recipe.stage_dir(2), base, recipe.stage_dir(2).name)
     assert isinstance(model.get_model().mm_projector, FeallmProjector)
     assert isinstance(_generate(tokenizer, model, processor), str)
+
+
+def test_resume_skips_a_checkpoint_torn_by_a_kill(tmp_path):
+    """The newest checkpoint written to the end: the marker the trainer writes last, or in
+    a folder saved without markers, a trainer state that parses (a kill mid-save left an
+    empty one)."""
+    from feallm_llava.integration.registry.trainer import COMPLETE, last_complete_checkpoint
+
+    def checkpoint(step: int, state: str, marker: bool) -> Path:
+        folder = tmp_path / "run" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(state)
+        if marker:
+            (folder / COMPLETE).touch()
+        return folder
+
+    assert last_complete_checkpoint(str(tmp_path / "run")) is None
+    checkpoint(2, '{"global_step": 2}', marker=False)
+    legacy_good = checkpoint(4, '{"global_step": 4}', marker=False)
+    checkpoint(6, "", marker=False)                                  # torn
+    assert last_complete_checkpoint(str(tmp_path / "run")) == str(legacy_good)
+    marked = checkpoint(8, '{"global_step": 8}', marker=True)
+    checkpoint(10, '{"global_step": 10}', marker=False)              # killed before its marker
+    assert last_complete_checkpoint(str(tmp_path / "run")) == str(marked)

@@ -55,16 +55,33 @@ def _load_trainables(model, checkpoint_dir: str) -> bool:
     return False
 
 
+COMPLETE = "feallm_checkpoint_complete"  # written last into each checkpoint this trainer saves
+
+
 def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest `checkpoint-N` in `output_dir` that holds its `trainer_state.json`."""
+    """The newest `checkpoint-N` in `output_dir` that was written to the end: it holds the
+    `COMPLETE` marker (written after every other file), or, in a folder of checkpoints saved
+    without markers, a `trainer_state.json` that parses. A run killed mid-save leaves its
+    newest checkpoint torn (an empty trainer state was seen)."""
+    import json
     import re
 
     found = []
     for name in os.listdir(output_dir) if os.path.isdir(output_dir) else ():
         match = re.fullmatch(r"checkpoint-(\d+)", name)
-        if match and os.path.exists(os.path.join(output_dir, name, "trainer_state.json")):
+        if match:
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
-    return max(found)[1] if found else None
+    marked = [c for c in found if os.path.exists(os.path.join(c[1], COMPLETE))]
+    if marked:
+        return max(marked)[1]
+    for _, path in sorted(found, reverse=True):
+        try:
+            with open(os.path.join(path, "trainer_state.json")) as f:
+                json.load(f)
+            return path
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def hook_trainer(module: ModuleType) -> None:
@@ -83,6 +100,8 @@ def hook_trainer(module: ModuleType) -> None:
                 Trainer._save_checkpoint(self, model, trial)
             out = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
             _write_trainables(self, module, out)
+            if self.args.should_save:
+                open(os.path.join(out, COMPLETE), "w").close()
         return _save_checkpoint
 
     def loading(original):
@@ -99,8 +118,8 @@ def hook_trainer(module: ModuleType) -> None:
     def training(original):
         def train(self, *args, resume_from_checkpoint=None, **kwargs):
             if resume_from_checkpoint is True:
-                # A run killed while writing its newest checkpoint leaves it incomplete;
-                # resume from the newest one whose trainer state was written (it is last).
+                # A run killed while writing its newest checkpoint leaves it torn;
+                # resume from the newest one written to the end.
                 resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir) or None
             result = original(self, *args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
             _write_trainables(self, module, self.args.output_dir)
