@@ -48,6 +48,13 @@ open_env() {  # $1 venv, $2 wanted stamp: stop here when it is up to date, else 
   pip="$1/bin/python -m pip"
 }
 
+close_env() {  # $1 venv, $2 stamp, $3 what to run: this package without its stack requirements, the stamp
+  $pip install -q --no-deps -e .
+  echo "$2" > "$1/.feallm-bootstrap"
+  echo "[bootstrap] done; run: $3"
+  exit 0
+}
+
 # -- .venv-ui: the web UI, without torch ------------------------------------------------
 if [ "$kind" = ui ]; then
   venv="${FEALLM_UI_VENV:-$root/.venv-ui}"
@@ -55,12 +62,8 @@ if [ "$kind" = ui ]; then
   open_env "$venv" "$want"
   echo "[bootstrap] installing the web UI into $venv (first run: a minute or two)"
   $pip install -q -r launch/requirements-ui.txt
-  # this package without its requirements (torch, transformers ...): the UI imports none of them
-  $pip install -q --no-deps -e .
-  # no start-up hook here: there is no llava to hook into
-  echo "$want" > "$venv/.feallm-bootstrap"
-  echo "[bootstrap] done; run: GRADIO_ANALYTICS_ENABLED=False $venv/bin/python -m feallm_llava.ui --help"
-  exit 0
+  # the UI imports none of the stack (torch, transformers ...); no start-up hook: no llava here
+  close_env "$venv" "$want" "GRADIO_ANALYTICS_ENABLED=False $venv/bin/python -m feallm_llava.ui --help"
 fi
 
 # -- .venv-vllm: vLLM and the FEALLM model plugin ----------------------------------------
@@ -84,11 +87,8 @@ if [ "$kind" = vllm ]; then
     # wants libnvrtc: on CPU they break imports that merely probe for them.
     $pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   fi
-  # this package without its stack requirements: registers the vllm.general_plugins entry point
-  $pip install -q --no-deps -e .
-  echo "$want" > "$venv/.feallm-bootstrap"
-  echo "[bootstrap] done; run: bash launch/serve_vllm.sh --model DIR"
-  exit 0
+  # the package's install registers its vllm.general_plugins entry point
+  close_env "$venv" "$want" "bash launch/serve_vllm.sh --model DIR"
 fi
 
 # -- .venv: the stack (.venv-lmms: the stack and lmms-eval) -------------------------------
