@@ -22,7 +22,7 @@ answers of a batch are the answers each item gets alone (tested).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -159,6 +159,107 @@ class LlavaBackend:
         if output.shape[1] >= width and torch.equal(output[:, :width], input_ids):
             output = output[:, width:]
         return [self._decode(row) for row in output]
+
+    # -- scoring ------------------------------------------------------------------------
+    def _answer_join(self) -> str:
+        """What stands between the open prompt and an answer in the trained text: upstream's
+        templates write "ASSISTANT: answer"; `plain` writes the caption right after the image."""
+        from llava.conversation import SeparatorStyle, conv_templates
+
+        return "" if conv_templates[self.conv_mode].sep_style == SeparatorStyle.PLAIN else " "
+
+    def continuation_ids(self, item: Query, text: str) -> torch.Tensor:
+        """The tokens of answer `text` right after `item`'s prompt, as the model was trained
+        on them: the prompt and answer are tokenized together and the prompt's ids must be
+        a prefix (a tokenizer that merged across the boundary would score other tokens)."""
+        from llava.constants import IMAGE_TOKEN_INDEX
+        from llava.mm_utils import tokenizer_image_token
+
+        prompt = self.prompt_ids(item)
+        full = tokenizer_image_token(self.prompt(item.question) + self._answer_join() + text, self.tokenizer,
+                                     IMAGE_TOKEN_INDEX, return_tensors="pt")
+        if len(full) <= len(prompt) or not torch.equal(full[:len(prompt)], prompt):
+            raise ValueError(f"item {item.id!r}: the answer {text!r} does not tokenize as a continuation of the "
+                             "prompt (the tokenizer merges across their boundary); it cannot be scored")
+        return full[len(prompt):]
+
+    @torch.inference_mode()
+    def continuation_logprobs(self, items: list[Query], continuations: Sequence[Sequence[str]],
+                              max_rows: int = 64) -> list[list[float]]:
+        """Summed log-probability of each answer text in `continuations[i]` right after
+        item i's prompt, for one batch of items.
+
+        The image and question run once per item (left-padded, as `generate`); their KV
+        cache is then repeated over that item's continuations, which run together
+        (right-padded, at most `max_rows` rows a forward, which bounds the repeated
+        cache's memory). Summed, not averaged: a mean per token favours long answers.
+        """
+        from llava.mm_utils import process_images
+        from transformers import DynamicCache
+
+        if len(continuations) != len(items):
+            raise ValueError(f"{len(items)} items but {len(continuations)} lists of continuations")
+        images = [item.load_image() for item in items]
+        pixels = process_images(images, self.image_processor, self.model.config)
+        if isinstance(pixels, list):
+            pixels = [p.to(self.model.device, dtype=self.dtype) for p in pixels]
+        else:
+            pixels = pixels.to(self.model.device, dtype=self.dtype)
+        ids = [self.prompt_ids(item) for item in items]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)  # (B, L) left-padded
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):
+            input_ids[row, width - len(x):] = x
+            mask[row, width - len(x):] = 1
+        device = self.model.device
+        _, _, mask, _, embeds, _ = self.model.prepare_inputs_labels_for_multimodal(
+            input_ids.to(device), None, mask.to(device), None, None, pixels, image_sizes=[im.size for im in images])
+        mask = mask.long()                                          # (B, L') image features spliced in
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)              # from each row's first real token
+        llm = self.model.get_model()
+        prefix = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        first = torch.log_softmax(self.model.lm_head(prefix.last_hidden_state[:, -1]).float(), dim=-1)  # (B, V)
+        layers = prefix.past_key_values.to_legacy_cache()           # per layer (K, V): (B, heads, L', d)
+        lengths = mask.sum(-1)                                      # (B,) real prefix tokens
+
+        rows = [(i, self.continuation_ids(item, text).to(device))
+                for i, (item, texts) in enumerate(zip(items, continuations)) for text in texts]
+        scores: list[float] = []
+        for start in range(0, len(rows), max_rows):
+            part = rows[start:start + max_rows]
+            index = torch.tensor([i for i, _ in part], device=device)
+            span = max(len(t) for _, t in part)
+            tokens = torch.full((len(part), span), self.pad_id, dtype=torch.long, device=device)  # (N, T)
+            tmask = torch.zeros((len(part), span), dtype=torch.long, device=device)
+            for r, (_, t) in enumerate(part):
+                tokens[r, :len(t)] = t
+                tmask[r, :len(t)] = 1
+            cache = DynamicCache.from_legacy_cache(tuple((k[index], v[index]) for k, v in layers))
+            out = llm(inputs_embeds=llm.embed_tokens(tokens), past_key_values=cache, use_cache=True,
+                      attention_mask=torch.cat([mask[index], tmask], dim=1),
+                      position_ids=lengths[index, None] + torch.arange(span, device=device))
+            logp = torch.log_softmax(self.model.lm_head(out.last_hidden_state[:, :-1]).float(), dim=-1)  # (N, T-1, V)
+            for r, (i, t) in enumerate(part):
+                total = first[i, t[0]]
+                if len(t) > 1:
+                    total = total + logp[r, torch.arange(len(t) - 1, device=device), t[1:]].sum()
+                scores.append(float(total))
+        out_lists, n = [], 0
+        for texts in continuations:
+            out_lists.append(scores[n:n + len(texts)])
+            n += len(texts)
+        return out_lists
+
+    def score(self, items: Iterable[Query], continuations: Sequence[str] | Callable[[Query], Sequence[str]],
+              batch_size: int = 8) -> Iterator[tuple[Query, list[float]]]:
+        """(item, summed log-probabilities of its continuations) pairs, batched as `answer`
+        batches; `continuations` is one list for every item, or a function of the item."""
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        pick = continuations if callable(continuations) else (lambda _item: continuations)
+        for batch in self._plan(list(items), batch_size):
+            yield from zip(batch, self.continuation_logprobs(batch, [list(pick(item)) for item in batch]))
 
     def _decode(self, row: torch.Tensor) -> str:
         tokens = row.tolist()
