@@ -2,6 +2,8 @@
 
     feallm analyze INPUT... --model-path P [--model-base B] [--out results.csv|.jsonl|.json]
                    [--resume] [--device cpu|cuda] [--no-detect] [--require-face]
+                   [--detector yunet|yunet-onnx|haar] [--detector-model FILE.onnx]
+                   [--align affwild2|rafdb|synthetic|none]
                    [--annotate out.png|out.mp4|DIR] [--batch-size N]
                    [--every N | --fps F] [--start S] [--end S] [--reasoning every|keyframes|none]
                    [--smooth K] [--timeline DIR]
@@ -11,10 +13,11 @@ One code path for both kinds of input: a photo is a video of one frame (frame 0 
 For each sampled frame: decode it safely (`data.images.load_rgb`: corrupt, empty,
 non-image, tiny and decompression-bomb files become an error row; `data.video`: empty,
 unreadable and truncated videos likewise, the frames decoded before a cut kept), find the
-faces (`serve.detect`, OpenCV's Haar cascade, offline), give each the id of its track
-(`serve.track`: IoU tracking across a video's frames, a short memory for missed
-detections; a photo's faces are 0, 1, ... left to right), crop each with a margin to a
-square, and ask the model the FEALLM questions (paper section 3.2: emotion summary = FER,
+faces (`serve.detectors`: YuNet with 5 landmarks by default, offline; Haar by name), give
+each the id of its track (`serve.track`: IoU tracking across a video's frames, a short
+memory for missed detections; a photo's faces are 0, 1, ... left to right), align each on
+its landmarks to the template of the model's training crops (`serve.align`; a margin crop
+with `--align none` or without landmarks), and ask the model the FEALLM questions (paper section 3.2: emotion summary = FER,
 facial movement description = AUD, emotion reasoning), batched across faces and frames.
 The answers are read with the evaluation parser (`facs.parse`), so `feallm analyze` and
 `feallm score` agree on what a text means.
@@ -26,7 +29,8 @@ where the reading changes; `none`. Where it was not asked, `reasoning` is empty.
 
 One row per face and frame, Py-Feat / LibreFace style (`COLUMNS`): the frame number and
 its time in seconds (0 and 0.0 for a photo; empty in a row about the whole input, such as
-a file that cannot be read), the face's track id, its box in frame pixels, the expression
+a file that cannot be read), the face's track id, its box in frame pixels, the detector's
+score and 5 landmarks (`face_score`, `x_0` ... `x_4`, `y_0` ... `y_4`), the expression
 (one of `labels.EXPRESSIONS`, empty when the answer names none), `AU01` ... `AU26` as 1/0
 (empty when the AUD answer mentions no AU at all: unknown, not absent), the reasoning
 text, the raw answers, and `error`. A frame without a face gives one row with an empty
@@ -59,8 +63,10 @@ from PIL import Image
 
 from feallm_llava.data.video import VIDEO_SUFFIXES, Sampling
 from feallm_llava.errors import EXIT_ITEMS_FAILED, UsageError
+from feallm_llava.serve.align import ALIGNMENTS, DEFAULT_ALIGN
 from feallm_llava.serve.analyzer import (DEFAULT_MARGIN, DEFAULT_REASONING, DEFAULT_TRACK_IOU, DEFAULT_TRACK_MEMORY,
                                          REASONING, Analyzer, FrameResult, Source, expand_inputs)
+from feallm_llava.serve.detectors import DEFAULT_DETECTOR, DETECTORS
 from feallm_llava.serve.results_file import ResultsFile
 from feallm_llava.serve.rows import COLUMNS, DEFAULT_QUESTIONS, TASKS, plain_rows, to_frame, typed_row
 
@@ -155,7 +161,8 @@ def analyze(inputs: Iterable[str | os.PathLike | Image.Image] | str | os.PathLik
             every: int | None = None, fps: float | None = None, start: float = 0.0, end: float | None = None,
             reasoning: str = DEFAULT_REASONING, smooth: int = 0, timeline: str | os.PathLike | None = None,
             track_memory: float = DEFAULT_TRACK_MEMORY, track_iou: float = DEFAULT_TRACK_IOU,
-            equalize: bool | str = True, note: str | None = None):
+            equalize: bool | str = True, note: str | None = None, detector=None,
+            detector_model: str | os.PathLike | None = None, align: str | None = None):
     """One row per face of every frame of every input; a pandas DataFrame (a list of dicts
     without pandas). Its `attrs` hold the settings (`smooth`, `sampling`, ...) and, per
     video, what reading it found (`videos`).
@@ -165,6 +172,9 @@ def analyze(inputs: Iterable[str | os.PathLike | Image.Image] | str | os.PathLik
     `every` / `fps`, `start` / `end`: which frames of a video (default: 2 per second).
     `annotate`: boxes + labels there (PNG per photo, MP4 per video; see `sinks.annotation_paths`).
     `timeline`: a folder for one timeline PNG per face of each video.
+    `detector`: a name of `serve.detectors.DETECTORS` (default yunet) or a detector object;
+    `detector_model`: YuNet's ONNX file (yunet-onnx); `align`: a template of
+    `serve.align.ALIGNMENTS` (default affwild2) or none (the margin crop).
     """
     if isinstance(inputs, (str, os.PathLike, Image.Image)):
         inputs = [inputs]
@@ -174,7 +184,8 @@ def analyze(inputs: Iterable[str | os.PathLike | Image.Image] | str | os.PathLik
     analyzer = Analyzer(None, detect=detect, require_face=require_face, margin=margin, crop_shift=crop_shift,
                         batch_size=batch_size, questions=questions, reasoning=reasoning, smooth=smooth,
                         sampling=Sampling(every, fps, start, end), track_memory=track_memory, track_iou=track_iou,
-                        detect_kwargs=None if equalize is True else {"equalize": equalize})
+                        detect_kwargs=None if equalize is True else {"equalize": equalize},
+                        detector=detector, detector_model=detector_model, align=align)
     if backend is None:
         if model_path is None:
             raise ValueError("analyze() needs model_path=... (or backend=load_backend(...))")
@@ -292,12 +303,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-detect", action="store_true",
                         help="treat each image (each frame) as an aligned face crop (the paper's setting)")
     parser.add_argument("--require-face", action="store_true", help="a frame without a face is an error row")
+    parser.add_argument("--detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
+                        help="face detector: YuNet (boxes + 5 landmarks, from the yuface wheel), YuNet from an ONNX "
+                             "file through OpenCV (--detector-model), or OpenCV's Haar cascade (no landmarks; misses "
+                             "most dark-skinned faces)")
+    parser.add_argument("--detector-model", default=None, metavar="FILE.onnx",
+                        help="YuNet's ONNX file for yunet-onnx (also used by yunet where its wheel is missing)")
+    parser.add_argument("--align", choices=ALIGNMENTS, default=DEFAULT_ALIGN,
+                        help="warp each face on its 5 landmarks to the template of the model's training crops: "
+                             "Aff-Wild2 cropped_aligned (112 px), RAF-DB aligned (100 px), the demo's synthetic "
+                             "faces, or none (a square crop around the box, --margin / --crop-shift)")
     parser.add_argument("--equalize", choices=("global", "local", "none"), default="global",
-                        help="contrast the face detector sees: one histogram equalisation of the frame, or local "
+                        help="contrast the Haar cascade sees: one histogram equalisation of the frame, or local "
                              "(CLAHE: finds faces much darker or lighter than their surroundings)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
-                        help="crop margin, x the face box side on each side")
+                        help="crop margin, x the face box side on each side (crops not aligned)")
     parser.add_argument("--crop-shift", type=float, default=0.0,
                         help="move the crop's centre down by this fraction of the box height (a detector whose "
                              "boxes sit higher on the face than the crops the model was trained on)")
@@ -329,7 +350,8 @@ def main(args: argparse.Namespace) -> int:
                         reasoning=args.reasoning, smooth=args.smooth,
                         sampling=Sampling(args.every, args.fps, args.start, args.end),
                         track_memory=args.track_memory, track_iou=args.track_iou,
-                        detect_kwargs=None if args.equalize == "global" else {"equalize": args.equalize})
+                        detect_kwargs=None if args.equalize == "global" else {"equalize": args.equalize},
+                        detector=args.detector, detector_model=args.detector_model, align=args.align)
     results = ResultsFile(args.out, COLUMNS, resume=args.resume, overwrite=args.overwrite) if args.out else None
     sources, notes = expand_inputs(args.inputs)
     if results is not None:

@@ -13,8 +13,8 @@ from pathlib import Path
 from PIL import Image
 
 from feallm_llava.data.video import VIDEO_SUFFIXES, Sampling, VideoError, VideoInfo, is_video
-from feallm_llava.serve.rows import (BOX_COLUMNS, DEFAULT_QUESTIONS, SMOOTHED_COLUMNS, TASKS, empty_row, fill_answers,
-                                     own_readings)
+from feallm_llava.serve.rows import (BOX_COLUMNS, DEFAULT_QUESTIONS, LANDMARK_COLUMNS, SMOOTHED_COLUMNS, TASKS,
+                                     empty_row, fill_answers, own_readings)
 
 REASONING = ("every", "keyframes", "none")
 DEFAULT_REASONING = "keyframes"
@@ -173,7 +173,10 @@ class Analyzer:
                  margin: float = DEFAULT_MARGIN, crop_shift: float = 0.0, batch_size: int = 8,
                  questions: dict[str, str] | None = None, detect_kwargs: dict | None = None,
                  reasoning: str = DEFAULT_REASONING, smooth: int = 0, sampling: Sampling | None = None,
-                 track_memory: float = DEFAULT_TRACK_MEMORY, track_iou: float = DEFAULT_TRACK_IOU):
+                 track_memory: float = DEFAULT_TRACK_MEMORY, track_iou: float = DEFAULT_TRACK_IOU,
+                 detector=None, detector_model: str | os.PathLike | None = None, align: str | None = None):
+        from feallm_llava.serve.align import DEFAULT_ALIGN, template
+        from feallm_llava.serve.detectors import DEFAULT_DETECTOR, make_detector
         from feallm_llava.serve.temporal import Smoother
         from feallm_llava.serve.track import IouTracker
 
@@ -198,6 +201,15 @@ class Analyzer:
         if unknown:
             raise ValueError(f"unknown question kind(s) {sorted(unknown)}; use {', '.join(TASKS)}")
         self.detect_kwargs = detect_kwargs or {}
+        # detector: a name (`serve.detectors.DETECTORS`) or a detector object; built only when used
+        self.detector = None
+        if detect:
+            self.detector = (make_detector(detector or DEFAULT_DETECTOR, model=detector_model,
+                                           **({"equalize": self.detect_kwargs["equalize"]}
+                                              if "equalize" in self.detect_kwargs else {}))
+                             if detector is None or isinstance(detector, str) else detector)
+        self.align = align or DEFAULT_ALIGN
+        self.template = None if self.align == "none" else template(self.align)   # checks the name
         self.reasoning = reasoning
         self.smooth = smooth
         self.sampling = sampling or Sampling()
@@ -207,8 +219,10 @@ class Analyzer:
     def settings(self) -> dict:
         """What shapes the rows, for OUT.meta.json and the DataFrame's attrs."""
         return {
-            "questions": self.questions, "detect": self.detect, "margin": self.margin,
-            "crop_shift": self.crop_shift,
+            "questions": self.questions, "detect": self.detect,
+            "detector": self.detector.describe() if self.detector is not None else None,
+            "align": self.template.as_dict() if self.template is not None and self.detect else "none",
+            "margin": self.margin, "crop_shift": self.crop_shift,
             "reasoning": self.reasoning, "sampling": self.sampling.as_dict(),
             "tracking": {"method": "IoU", "min_iou": self.track_iou, "memory_s": self.track_memory},
             "smooth": None if self.smooth <= 1 else {
@@ -220,13 +234,13 @@ class Analyzer:
 
     # -- one frame -> its face rows (answers pending) --------------------------------
     def _frame(self, stream: _Stream, img: Image.Image, frame: int, time_s: float, keep_image: bool) -> FrameResult:
-        from feallm_llava.serve.detect import FaceBox, crop_face, detect_faces
+        from feallm_llava.serve.detect import FaceBox
 
         stream.sampled += 1
         label = stream.source.label
         row = empty_row(label, frame, time_s)
         if self.detect:
-            boxes = detect_faces(img, **self.detect_kwargs)
+            boxes = self.detector.detect(img)
         else:  # an aligned face crop: the whole frame is the face (the model's own `pad` squares it)
             boxes = [FaceBox(0, 0, img.width, img.height, 0.0)]
         known = stream.tracker.next_id
@@ -240,10 +254,39 @@ class Analyzer:
         for face_id, box in sorted(zip(ids, boxes), key=lambda p: p[0]):
             r = empty_row(label, frame, time_s)
             r.update(face_id=face_id, face_x=box.x, face_y=box.y, face_w=box.w, face_h=box.h)
+            if self.detect:
+                r["face_score"] = box.score
+                if box.landmarks is not None:
+                    r.update(zip(LANDMARK_COLUMNS, [p[0] for p in box.landmarks] + [p[1] for p in box.landmarks]))
             rows.append(r)
-            crop = crop_face(img, self._crop_box(box), self.margin) if self.detect else img
+            crop = self.face_crop(img, box) if self.detect else img
             faces.append(_Face(r, crop, self._tasks(face_id >= known)))
         return FrameResult(stream.source, frame, time_s, kept, rows, stream, faces=faces)
+
+    def face_crop(self, img: Image.Image, box) -> Image.Image:
+        """What the model sees of a detected face: aligned to the template when the box has
+        landmarks and --align is not none, else the square margin crop around the box."""
+        from feallm_llava.serve.align import align_face
+        from feallm_llava.serve.detect import crop_face
+
+        if self.template is not None and box.landmarks is not None:
+            return align_face(img, box.landmarks, self.template)
+        return crop_face(img, self._crop_box(box), self.margin)
+
+    def crop_of_row(self, img: Image.Image, row: dict) -> Image.Image | None:
+        """`face_crop` again from a written row (its box and landmark columns); None for a row
+        without a face."""
+        from feallm_llava.serve.detect import FaceBox
+
+        if row.get("face_id") is None or row.get("face_w") is None:
+            return None
+        if not self.detect:
+            return img
+        xs = [row.get(c) for c in LANDMARK_COLUMNS]
+        points = None if any(v is None for v in xs) else tuple(zip(xs[:5], xs[5:]))
+        box = FaceBox(int(row["face_x"]), int(row["face_y"]), int(row["face_w"]), int(row["face_h"]),
+                      float(row.get("face_score") or 0.0), points)
+        return self.face_crop(img, box)
 
     def _crop_box(self, box) -> tuple[int, int, int, int]:
         """The detector's box moved down by `crop_shift` x its height (the crop's centre)."""

@@ -1,16 +1,20 @@
-"""Offline face detection and square face crops for `feallm analyze`.
+"""Face boxes, OpenCV's Haar cascade, and square margin crops for `feallm analyze`.
 
 FEALLM is trained on aligned face crops (Aff-Wild2 `cropped_aligned`); photos from the
-web (the paper's Fig. 7(c)) need a face found and cropped first.
+web (the paper's Fig. 7(c)) need a face found and cropped first. The default detector is
+YuNet (`serve.yunet`, with landmarks for `serve.align`); `serve.detectors` picks one by
+name. This module holds what they share (`FaceBox`, `keep_best`) and the Haar cascade,
+kept by name (`--detector haar`) and as the last fallback.
 
-Detector choice: OpenCV's frontal-face Haar cascade (Viola-Jones,
+The Haar cascade: OpenCV's frontal-face Haar cascade (Viola-Jones,
 `haarcascade_frontalface_default.xml`), which ships inside the `opencv-python-headless`
 4.x wheel (`cv2.data.haarcascades`), so it works offline with no model download; the
 5.x wheels no longer ship the cascades, hence the `opencv-python-headless<5` pin
 (4.14 finds scikit-image's astronaut at (177, 66, 95, 95) in about 90 ms).
 It is deterministic and CPU-only. Its limits: frontal faces only (roughly +-20 degrees of
-yaw and in-plane roll), and some false positives on textured backgrounds, traded against
-misses by `min_neighbors`.
+yaw and in-plane roll), some false positives on textured backgrounds, traded against
+misses by `min_neighbors`, no landmarks, and dark skin: on the synthetic fairness bench
+(`python -m feallm_llava.bench detect`) it misses most faces of the two darkest tones.
 
 Alternative considered: MediaPipe 0.10.21 bundles BlazeFace, which is better on turned
 and small faces, but the wheel pulls jax/jaxlib and opencv-contrib (a second cv2 next
@@ -34,10 +38,12 @@ CASCADE_FILE = "haarcascade_frontalface_default.xml"
 
 @dataclass(frozen=True)
 class FaceBox:
-    """A face in image pixels: top-left corner, width, height, and a detector score.
+    """A face in image pixels: top-left corner, width, height, a detector score and, from a
+    landmark detector, 5 points.
 
-    `score` is the cascade's level weight (larger = more confident); it ranks boxes of
-    one image and is not a probability.
+    `score` is the detector's own: YuNet's face confidence in [0, 1]; the cascade's level
+    weight for Haar (larger = more confident; it ranks boxes of one image and is not a
+    probability).
     """
 
     x: int
@@ -45,6 +51,9 @@ class FaceBox:
     w: int
     h: int
     score: float
+    # 5 points (x, y) in image pixels, in `serve.yunet.LANDMARK_NAMES` order; None when the
+    # detector gives none (Haar)
+    landmarks: tuple[tuple[float, float], ...] | None = None
 
     @property
     def area(self) -> int:
@@ -146,6 +155,12 @@ def detect_faces(img: Image.Image, *, min_size: int | None = None, scale_factor:
         x1, y1 = min(width, round((x + w) / s)), min(height, round((y + h) / s))
         if x1 > x0 and y1 > y0:
             boxes.append(FaceBox(int(x0), int(y0), int(x1 - x0), int(y1 - y0), float(score)))
+    return keep_best(boxes, overlap)
+
+
+def keep_best(boxes: list[FaceBox], overlap: float = 0.3) -> list[FaceBox]:
+    """Boxes overlapping a higher-scoring one by IoU > `overlap`, or lying mostly inside it,
+    dropped; the rest sorted left to right (then top to bottom)."""
     kept: list[FaceBox] = []
     for b in sorted(boxes, key=lambda b: (-b.score, b.x, b.y)):
         if all(b.iou(k) <= overlap and _inside(b, k) <= 0.8 for k in kept):

@@ -12,11 +12,17 @@ from feallm_llava.serve.results_file import ResultsFile
 
 AU_COLUMNS: tuple[str, ...] = tuple(au_key(au) for au in AUS)  # AU01 ... AU26 (labels.AUS order)
 BOX_COLUMNS = ("face_x", "face_y", "face_w", "face_h")
+# The detector's 5 points, Py-Feat / OpenFace style (x_0 ... then y_0 ...): 0 the eye on the
+# image's left, 1 the other eye, 2 the nose tip, 3 the mouth corner on the image's left,
+# 4 the other one (`serve.yunet.LANDMARK_NAMES`); empty for a detector without landmarks.
+LANDMARK_COLUMNS = (*(f"x_{k}" for k in range(5)), *(f"y_{k}" for k in range(5)))
 COLUMNS: tuple[str, ...] = (
-    "input", "frame", "time_s", "face_id", *BOX_COLUMNS, "expression", *AU_COLUMNS, "reasoning",
+    "input", "frame", "time_s", "face_id", *BOX_COLUMNS, "face_score", *LANDMARK_COLUMNS,
+    "expression", *AU_COLUMNS, "reasoning",
     "raw_answer_fer", "raw_answer_aud", "raw_answer_reasoning", "error",
 )
 INT_COLUMNS = ("frame", "face_id", *BOX_COLUMNS, *AU_COLUMNS)
+FLOAT_COLUMNS = ("time_s", "face_score", *LANDMARK_COLUMNS)
 SMOOTHED_COLUMNS = ("expression", *AU_COLUMNS)
 
 # Paper section 3.2 gives the first two verbatim as its examples of the emotion-summary and
@@ -66,10 +72,11 @@ def typed_row(row: dict) -> dict:
     out = {c: row.get(c) for c in COLUMNS}
     for c in INT_COLUMNS:
         out[c] = _int(out[c])
-    try:
-        out["time_s"] = None if out["time_s"] in (None, "") else float(out["time_s"])
-    except (TypeError, ValueError):
-        out["time_s"] = None
+    for c in FLOAT_COLUMNS:
+        try:
+            out[c] = None if out[c] in (None, "") else float(out[c])
+        except (TypeError, ValueError):
+            out[c] = None
     for task in TASKS:
         out[f"raw_answer_{task}"] = out[f"raw_answer_{task}"] or None
     out["error"] = out["error"] or ""
@@ -95,7 +102,8 @@ def to_frame(rows: list[dict]):
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     for col in INT_COLUMNS:
         frame[col] = frame[col].astype("Int64")
-    frame["time_s"] = frame["time_s"].astype("Float64")
+    for col in FLOAT_COLUMNS:
+        frame[col] = frame[col].astype("Float64")
     return frame
 
 
