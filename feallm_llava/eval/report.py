@@ -23,6 +23,7 @@ import numpy as np
 from feallm_llava.facs.labels import AUS, au_key
 
 from feallm_llava.eval.metrics import AuMetrics, FerMetrics
+from feallm_llava.eval.probabilities import AuProbMetrics, FerProbMetrics
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class ReportRow:
     fer: FerMetrics | None = None          # None when the benchmark has no FER items
     aud: AuMetrics | None = None           # None when it has no AUD items
     fer_ambiguous: int = 0                 # FER parse failures where classes tied
+    fer_prob: FerProbMetrics | None = None  # from `feallm eval --scores` probabilities
+    aud_prob: AuProbMetrics | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -43,6 +46,8 @@ class ReportRow:
             "fer": self.fer.to_dict() if self.fer else None,
             "aud": self.aud.to_dict() if self.aud else None,
             "fer_ambiguous": self.fer_ambiguous,
+            "fer_prob": self.fer_prob.to_dict() if self.fer_prob else None,
+            "aud_prob": self.aud_prob.to_dict() if self.aud_prob else None,
         }
 
 
@@ -68,7 +73,9 @@ def write_json(rows: Sequence[ReportRow], path: Path, meta: dict) -> None:
 def csv_columns(rows: Sequence[ReportRow]) -> list[str]:
     aus = sorted({a for r in rows if r.aud for a in r.aud.aus} | set(AUS))
     return (["model", "bench", "fer_n", "fer_accuracy", "fer_parse_failures",
-             "aud_n", "aud_parse_failures"] + [au_key(a) for a in aus] + ["au_mean_f1"])
+             "aud_n", "aud_parse_failures"] + [au_key(a) for a in aus] + ["au_mean_f1"]
+            + ["fer_likelihood_accuracy", "fer_ece"] + [f"{au_key(a)}_auc" for a in aus]
+            + ["au_mean_auc", "au_mean_f1_tuned"])
 
 
 def write_csv(rows: Sequence[ReportRow], path: Path) -> None:
@@ -86,6 +93,12 @@ def write_csv(rows: Sequence[ReportRow], path: Path) -> None:
                 line.update(aud_n=r.aud.n, aud_parse_failures=r.aud.parse_failures,
                             au_mean_f1=r.aud.mean_f1)
                 line.update({au_key(a): r.aud.f1[a] for a in r.aud.aus})
+            if r.fer_prob:
+                line.update(fer_likelihood_accuracy=r.fer_prob.accuracy, fer_ece=r.fer_prob.ece)
+            if r.aud_prob:
+                line.update({f"{au_key(a)}_auc": r.aud_prob.auc[a] for a in r.aud_prob.aus
+                             if r.aud_prob.auc[a] is not None})
+                line.update(au_mean_auc=r.aud_prob.mean_auc, au_mean_f1_tuned=r.aud_prob.mean_f1_tuned)
             w.writerow(line)
 
 
@@ -139,7 +152,31 @@ def render_table(rows: Sequence[ReportRow]) -> str:
             fail_body.append(cells)
         lines += _md_table(fail_header, fail_body, ["l"] + ["r"] * (len(fail_header) - 1))
         lines += [""]
+        lines += _probability_table(group)
     return "\n".join(lines)
+
+
+def _opt(x: float | None) -> str:
+    return "-" if x is None else _pct(x)
+
+
+def _probability_table(group: Sequence[ReportRow]) -> list[str]:
+    """Probabilities beside the text figures: likelihood FE accuracy, ECE, mean AU AUC,
+    AU F1 at thresholds tuned on a validation split (rows with probabilities only)."""
+    scored = [r for r in group if r.fer_prob or r.aud_prob]
+    if not scored:
+        return []
+    header = ["Methods", "FE Acc (text)", "FE Acc (likelihood)", "ECE", "AU F1 (text)", "mean AU AUC",
+              "AU F1 (tuned thresholds)", "thresholds tuned on"]
+    body = []
+    for r in scored:
+        a = r.aud_prob
+        body.append([r.model, _opt(r.fer.accuracy if r.fer else None), _opt(r.fer_prob.accuracy if r.fer_prob else None),
+                     _opt(r.fer_prob.ece if r.fer_prob else None), _opt(r.aud.mean_f1 if r.aud else None),
+                     _opt(a.mean_auc if a else None), _opt(a.mean_f1_tuned if a else None),
+                     (", ".join(a.tuned_on) + f" ({a.tuned_items} items)") if a and a.tuned_on else "-"])
+    return ["Probabilities (`feallm eval --scores`), percentages; ECE of the top expression's probability.", ""] \
+        + _md_table(header, body, ["l"] + ["r"] * 6 + ["l"]) + [""]
 
 
 def write_table(rows: Sequence[ReportRow], path: Path) -> None:
@@ -213,5 +250,32 @@ def plot_au_f1(rows: Sequence[ReportRow], path: Path) -> bool:
         ax.set_title(f"{bench}: per-AU F1")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def plot_reliability(rows: Sequence[ReportRow], path: Path) -> bool:
+    """Reliability diagram of the expression probabilities, one panel per (model, bench):
+    accuracy against mean confidence per bin, bar width the bin; False without probabilities."""
+    from matplotlib.figure import Figure
+
+    panels = [r for r in rows if r.fer_prob]
+    if not panels:
+        return False
+    fig = Figure(figsize=(4.2 * len(panels), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, r in zip(axes, panels):
+        bins = [b for b in r.fer_prob.bins if b[2]]
+        ax.bar([(lo + hi) / 2 for lo, hi, *_ in bins], [acc for *_, acc in bins],
+               width=[hi - lo for lo, hi, *_ in bins], edgecolor="black", alpha=0.7, label="accuracy")
+        ax.plot([c for *_, c, _ in bins], [acc for *_, acc in bins], "o", color="black", ms=3,
+                label="(confidence, accuracy)")
+        ax.plot([0, 1], [0, 1], "--", color="grey", label="calibrated")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top expression's probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{r.model} on {r.bench}: ECE {_pct(r.fer_prob.ece)}%", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
     fig.savefig(path, dpi=120)
     return True

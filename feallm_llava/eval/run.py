@@ -88,6 +88,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("output")
     g.add_argument("--out", required=True, type=Path, help="folder for predictions.jsonl and run.json")
     g.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
+    g.add_argument("--scores", action="store_true",
+                   help="also write probabilities: p_expression (the 7 labels' summed log-probabilities after "
+                        "the FER prompt, normalised) on FER items, p_aus (each AU given the model's reading of "
+                        "the others) on AUD items; an OpenAI-compatible server must return prompt "
+                        "log-probabilities (vLLM does)")
     g.add_argument("--num-chunks", type=int, default=1, help="split the items into K chunks (one per GPU)")
     g.add_argument("--chunk-idx", type=int, default=0, help="which chunk this process answers (0-based)")
     g.add_argument("--merge", action="store_true", help="join the --num-chunks chunk files into predictions.jsonl")
@@ -128,18 +133,38 @@ def _model_label(args: argparse.Namespace) -> str:
 
 
 def _backend(args: argparse.Namespace):
-    """(backend, its answer(items) call)."""
+    """(its answer(items) call, the backend)."""
     if args.openai_model:
         from feallm_llava.inference.openai_client import OpenAIBackend
 
         backend = OpenAIBackend(args.openai_model, base_url=args.base_url, concurrency=args.concurrency,
                                 max_new_tokens=args.max_new_tokens)
-        return backend.answer
+        return backend.answer, backend
     from feallm_llava.inference.llava_runner import LlavaBackend
 
     backend = LlavaBackend(args.model_path, args.model_base, conv_mode=args.conv_mode, device=args.device,
                            dtype=args.dtype, max_new_tokens=args.max_new_tokens)
-    return lambda items: backend.answer(items, batch_size=args.batch_size)
+    return (lambda items: backend.answer(items, batch_size=args.batch_size)), backend
+
+
+def _scored_answers(answer, scorer, items: list[EvalItem], size: int):
+    """(item, answer, probabilities) triples: `size` items are answered, then scored (an AUD
+    item's AU probabilities condition on the AU set parsed from its answer)."""
+    from feallm_llava.facs.labels import AUS
+    from feallm_llava.facs.parse import parse
+
+    for start in range(0, len(items), size):
+        answered = list(answer(items[start:start + size]))
+        fer = [item for item, _ in answered if item.task == "fer"]
+        read = {item.id: parse(text, AUS).aus for item, text in answered if item.task == "aud"}
+        probs: dict[str, dict] = {}
+        if fer:
+            probs.update({k: {"p_expression": v} for k, v in scorer.expressions(fer).items()})
+        if read:
+            aud = [item for item, _ in answered if item.task == "aud"]
+            probs.update({k: {"p_aus": v} for k, v in scorer.aus(aud, read).items()})
+        for item, text in answered:
+            yield item, text, probs[item.id]
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -176,11 +201,18 @@ def run(args: argparse.Namespace) -> dict:
 
     answered = 0
     if todo:
-        answer = _backend(args)
+        answer, backend = _backend(args)
+        if args.scores:
+            from feallm_llava.inference.scores import Scorer
+
+            scorer = Scorer(backend, batch_size=args.batch_size)
+            triples = _scored_answers(answer, scorer, todo, max(args.batch_size, args.concurrency) * 4)
+        else:
+            triples = ((item, text, {}) for item, text in answer(todo))
         with PredictionWriter(path) as writer, tqdm(total=len(todo), desc=f"{args.bench} {model}",
                                                     unit="item", file=sys.stderr) as bar:
-            for item, text in answer(todo):
-                writer.write(prediction_record(item, text, model))
+            for item, text, probs in triples:
+                writer.write({**prediction_record(item, text, model), **probs})
                 answered += 1
                 bar.update(1)
     if path.exists():
@@ -190,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
         "num_chunks": args.num_chunks, "chunk_idx": args.chunk_idx, "seed": args.seed, "limit": args.limit,
         "items_in_benchmark": len(loaded.items), "items_in_chunk": len(mine),
         "answered_before": len(mine) - len(todo), "answered_now": answered,
-        "dropped": dropped, "predictions": str(path),
+        "dropped": dropped, "predictions": str(path), "scores": bool(args.scores),
     }
     info = path.with_name("run.json" if args.num_chunks == 1 else f"run.{args.num_chunks}_{args.chunk_idx}.json")
     info.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

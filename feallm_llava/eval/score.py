@@ -35,6 +35,8 @@ from feallm_llava.facs.labels import EXPRESSIONS
 from feallm_llava.errors import EXIT_ITEMS_FAILED, UsageError
 from feallm_llava.eval import report
 from feallm_llava.eval.metrics import au_metrics, fer_metrics
+from feallm_llava.eval.probabilities import au_prob_metrics, fer_prob_metrics
+from feallm_llava.facs.labels import au_key
 from feallm_llava.facs.parse import ParseResult, parse
 
 TASKS = ("fer", "aud")
@@ -53,6 +55,9 @@ class ScoredItem:
     gt_expression: str | None
     gt_aus: frozenset[int] | None
     au_targets: tuple[int, ...]
+    image: str | None = None
+    p_expression: dict[str, float] | None = None   # `feallm eval --scores`: FER items
+    p_aus: dict[str, float] | None = None          # `feallm eval --scores`: AUD items
 
 
 class PredictionsError(UsageError):
@@ -71,6 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", nargs="+", action="extend", default=None, metavar="NAME",
                         help="model name per predictions file, in file order "
                              "(default: the lines' \"model\" field, else the file's folder)")
+    parser.add_argument("--tune-on", nargs="+", type=Path, default=None, metavar="VAL_PREDICTIONS",
+                        help="predictions (with --scores probabilities) of a validation split: per-AU "
+                             "thresholds are tuned there and their F1 reported beside the text-parsed F1; one "
+                             "file for every predictions file, or one per file in order. Items whose image "
+                             "is also scored are refused")
     parser.add_argument("--skip-bad-lines", action="store_true",
                         help="leave out (and count) lines that cannot be scored: torn by an interrupted "
                              "writer, not JSON, fields missing; exit status 1 when any was left out")
@@ -157,10 +167,32 @@ def scored_record(rec: object, file: str, lineno: int, name: str | None, default
     model = name if name is not None else rec.get("model") or default_model
     if not isinstance(model, str):
         raise PredictionsError(f"{where}: 'model' must be a string, got {model!r}")
+    p_expression = _probabilities(rec, "p_expression", EXPRESSIONS, where, normalised=True)
+    p_aus = _probabilities(rec, "p_aus", [au_key(a) for a in targets], where, normalised=False)
     return ScoredItem(
         file=file, line=lineno, id=item_id, task=task, bench=rec["bench"],
         model=model, answer=rec["answer"], gt_expression=gt_expression, gt_aus=gt_aus,
-        au_targets=targets)
+        au_targets=targets, image=rec.get("image") if isinstance(rec.get("image"), str) else None,
+        p_expression=p_expression, p_aus=p_aus)
+
+
+def _probabilities(rec: dict, key: str, names, where: str, normalised: bool) -> dict[str, float] | None:
+    """A record's probabilities under `key` (absent: None), checked: every name present, each
+    a number in [0, 1], and summing to 1 when `normalised`."""
+    value = rec.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise PredictionsError(f"{where}: {key!r} must be an object of probabilities, got {value!r}")
+    out = {}
+    for name in names:
+        p = value.get(name)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise PredictionsError(f"{where}: {key!r} needs a probability in [0, 1] for {name}, got {p!r}")
+        out[name] = float(p)
+    if normalised and abs(sum(out.values()) - 1.0) > 1e-6:
+        raise PredictionsError(f"{where}: {key!r} sums to {sum(out.values()):.6f}, not 1")
+    return out
 
 
 def group_rows(items: list[ScoredItem]) -> dict[tuple[str, str], list[ScoredItem]]:
@@ -201,11 +233,24 @@ def prediction(task: str, answer: str, au_targets: tuple[int, ...] = ()) -> tupl
     return (set(result.aus) if result.aus_answered else None), result
 
 
-def score_row(items: list[ScoredItem], failures: list[dict]) -> report.ReportRow:
-    """Parse every answer of one (bench, model) and compute its metrics."""
+def _all_or_none(items: list[ScoredItem], field: str) -> bool:
+    """Whether every item carries probabilities `field`; a row mixing both is an error."""
+    have = [getattr(it, field) is not None for it in items]
+    if any(have) and not all(have):
+        it = items[have.index(False)]
+        raise PredictionsError(f"{it.file}:{it.line} (id {it.id!r}): no {field!r} while other items of "
+                               f"{it.model!r} on {it.bench!r} have them; rerun those items with `feallm eval --scores`")
+    return bool(have) and all(have)
+
+
+def score_row(items: list[ScoredItem], failures: list[dict],
+              validation: list[ScoredItem] | None = None) -> report.ReportRow:
+    """Parse every answer of one (bench, model) and compute its metrics; with probabilities,
+    their metrics too (per-AU thresholds tuned on `validation`, other items)."""
     fer = [it for it in items if it.task == "fer"]
     aud = [it for it in items if it.task == "aud"]
     fer_metrics_, aud_metrics_, ambiguous = None, None, 0
+    fer_prob = aud_prob = None
 
     def fail(it: ScoredItem, why: str) -> None:
         failures.append({"file": it.file, "line": it.line, "id": it.id, "model": it.model,
@@ -222,6 +267,8 @@ def score_row(items: list[ScoredItem], failures: list[dict]) -> report.ReportRow
                                                    result.expression_counts.items())
                      if result.expression_ambiguous else "no expression named")
         fer_metrics_ = fer_metrics([it.gt_expression for it in fer], preds)
+        if _all_or_none(fer, "p_expression"):
+            fer_prob = fer_prob_metrics([it.gt_expression for it in fer], [it.p_expression for it in fer])
     if aud:
         preds = []
         for it in aud:
@@ -230,35 +277,79 @@ def score_row(items: list[ScoredItem], failures: list[dict]) -> report.ReportRow
             if pred is None:
                 fail(it, "no AU named")
         aud_metrics_ = au_metrics([it.gt_aus for it in aud], preds, aud[0].au_targets)
+        if _all_or_none(aud, "p_aus"):
+            val = None
+            if validation is not None:
+                val = ([it.gt_aus for it in validation], [it.p_aus for it in validation])
+            aud_prob = au_prob_metrics([it.gt_aus for it in aud], [it.p_aus for it in aud], aud[0].au_targets,
+                                       val, tuple(dict.fromkeys(it.file for it in validation or ())))
     return report.ReportRow(
         model=items[0].model, bench=items[0].bench,
         files=tuple(dict.fromkeys(it.file for it in items)),
-        fer=fer_metrics_, aud=aud_metrics_, fer_ambiguous=ambiguous)
+        fer=fer_metrics_, aud=aud_metrics_, fer_ambiguous=ambiguous, fer_prob=fer_prob, aud_prob=aud_prob)
 
 
-def score_files(paths: list[Path], names: list[str] | None = None, skipped: list[str] | None = None
-                ) -> tuple[list[report.ReportRow], list[dict]]:
+def read_validation(paths: list[Path], scored: list[ScoredItem]) -> list[ScoredItem]:
+    """The AUD items of validation prediction files, each with AU probabilities; refused
+    when one shares its image (or, without images, its id) with a scored AUD item:
+    thresholds are never tuned on the items they score."""
+    scored_keys = {(it.image or f"id:{it.id}") for it in scored if it.task == "aud"}
+    out: list[ScoredItem] = []
+    for path in paths:
+        items = [it for it in read_predictions(path) if it.task == "aud"]
+        if not items:
+            raise PredictionsError(f"--tune-on {path}: no AUD items to tune thresholds on")
+        for it in items:
+            if it.p_aus is None:
+                raise PredictionsError(f"--tune-on {it.file}:{it.line} (id {it.id!r}): no 'p_aus'; write the "
+                                       "validation predictions with `feallm eval --scores`")
+            if (it.image or f"id:{it.id}") in scored_keys:
+                raise PredictionsError(f"--tune-on {it.file}:{it.line} (id {it.id!r}): this item "
+                                       f"({it.image or it.id}) is also scored; thresholds must be tuned on "
+                                       "a validation split that shares no item with the scored ones")
+        out += items
+    return out
+
+
+def score_files(paths: list[Path], names: list[str] | None = None, skipped: list[str] | None = None,
+                tune_on: list[Path] | None = None) -> tuple[list[report.ReportRow], list[dict]]:
     """Read, group and score prediction files; returns the rows and the parse failures.
-    With a `skipped` list, lines that cannot be scored are recorded there instead of raising."""
+    With a `skipped` list, lines that cannot be scored are recorded there instead of raising.
+    `tune_on`: validation prediction files, one for all or one per file (per-AU thresholds)."""
     if names is not None and len(names) != len(paths):
         raise PredictionsError(f"--name gave {len(names)} names for {len(paths)} prediction "
                                "files; give one name per file, in file order")
+    if tune_on is not None and len(tune_on) not in (1, len(paths)):
+        raise PredictionsError(f"--tune-on gave {len(tune_on)} files for {len(paths)} prediction files; give "
+                               "one validation file for all, or one per file in order")
     items: list[ScoredItem] = []
     for i, path in enumerate(paths):
         file_items = read_predictions(path, names[i] if names else None, skipped)
         if not file_items:
             raise PredictionsError(f"{path}: no predictions in the file")
         items += file_items
+    validation: dict[str, list[ScoredItem]] = {}
+    if tune_on is not None:
+        per_file = tune_on if len(tune_on) == len(paths) else tune_on * len(paths)
+        cache: dict[Path, list[ScoredItem]] = {}
+        for path, val in zip(paths, per_file):
+            if val not in cache:
+                cache[val] = read_validation([val], items)
+            validation[str(path)] = cache[val]
     failures: list[dict] = []
-    rows = [score_row(group, failures)
-            for group in tqdm(group_rows(items).values(), desc="scoring", unit="row",
-                              disable=None)]
+    rows = []
+    for group in tqdm(group_rows(items).values(), desc="scoring", unit="row", disable=None):
+        val = None
+        if validation:
+            val = list({id(it): it for f in dict.fromkeys(it.file for it in group)
+                        for it in validation.get(f, [])}.values())
+        rows.append(score_row(group, failures, val))
     return rows, failures
 
 
 def main(args: argparse.Namespace) -> int:
     skipped: list[str] | None = [] if args.skip_bad_lines else None
-    rows, failures = score_files(list(args.predictions), args.name, skipped)
+    rows, failures = score_files(list(args.predictions), args.name, skipped, args.tune_on)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -266,6 +357,9 @@ def main(args: argparse.Namespace) -> int:
         "parser": "feallm_llava.facs.parse: every answer parsed by the scorer",
         "metrics": "FER accuracy (parse failure = wrong); per-AU F1 with counts summed over "
                    "items, unweighted mean over the benchmark's AUs; fractions in [0, 1]",
+        "probabilities": "with `feallm eval --scores`: likelihood FER accuracy (argmax of the 7 label "
+                         "probabilities), ECE (10 equal-width bins of the top-label confidence), ROC AUC per AU "
+                         "and their mean, F1 at per-AU thresholds tuned on --tune-on (never on scored items)",
     }
     report.write_json(rows, out / "scores.json", meta)
     report.write_csv(rows, out / "scores.csv")
@@ -275,7 +369,8 @@ def main(args: argparse.Namespace) -> int:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     written = ["scores.json", "scores.csv", "table.md", "parse_failures.jsonl"]
     for filename, plot in (("confusion.png", report.plot_confusion),
-                           ("au_f1.png", report.plot_au_f1)):
+                           ("au_f1.png", report.plot_au_f1),
+                           ("reliability.png", report.plot_reliability)):
         if plot(rows, out / filename):
             written.append(filename)
         elif (out / filename).exists():
