@@ -44,9 +44,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
+
+from feallm_llava.integration import access
 
 LOCALHOST = "127.0.0.1"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -124,6 +128,7 @@ class Service:
     process: subprocess.Popen
     url: str
     log: Path  # stdout + stderr of the process
+    headers: dict = field(default_factory=dict)  # what a request to it carries (the shared secret)
 
     @property
     def running(self) -> bool:
@@ -181,16 +186,90 @@ def default_ui_python() -> str:
     return str(checkout) if checkout.exists() else sys.executable
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _libc():
+    """libc loaded before any fork (the child may not load libraries safely)."""
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child receive SIGKILL when this process dies, however
+    it dies (SIGKILL, the OOM killer, a scheduler's limit); None where Linux's
+    PR_SET_PDEATHSIG is not available.
+
+    The signal follows the *thread* that forked: a child started from a thread that then
+    ends would be killed with it, so only the main thread's children get it.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    libc, parent = _libc(), os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nobody would signal us
+            os._exit(1)
+    return preexec
+
+
+def port_holders(port: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes listening on TCP `port` (Linux /proc; [] elsewhere
+    or for processes of other users)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])  # state 0A = LISTEN
+    found = []
+    if not inodes:
+        return found
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                    found.append((int(proc.name), cmd[:200]))
+                    break
+    return found
+
+
+def check_port(host: str, port: int, name: str) -> None:
+    """Fail with the pids that hold `port` when it cannot be bound on `host`."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return
+        except OSError as err:
+            holders = port_holders(port)
+            who = "; ".join(f"pid {pid} ({cmd})" for pid, cmd in holders) or "a process this user cannot see"
+            pids = " ".join(str(pid) for pid, _ in holders)
+            hint = f" (a previous stack? kill {pids})" if holders else ""
+            raise StackError(f"{name}: port {port} on {host} is in use by {who}{hint}, or pick another "
+                             f"port ({err.strerror})") from err
+
+
 def _start(name: str, module: str, args: list[str], log_dir: Path, env: dict[str, str],
-           host: str, port: int, python: str | None = None) -> Service:
+           host: str, port: int, python: str | None = None, headers: dict | None = None) -> Service:
     log = log_dir / f"{name}.out"
     with open(log, "ab") as out:
         process = subprocess.Popen(
             command(module, args, python),
             cwd=log_dir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: stop() reaches every child
+            preexec_fn=die_with_parent(),  # and none outlives this process
         )
-    return Service(name, process, f"http://{url_host(host)}:{port}", log)
+    return Service(name, process, f"http://{url_host(host)}:{port}", log, dict(headers or {}))
 
 
 def _signal_group(service: Service, sig: int) -> None:
@@ -212,10 +291,10 @@ def stop_services(services: list[Service], grace: float = STOP_GRACE) -> None:
             s.process.wait(timeout=10)
 
 
-def _post_json(url: str, payload: dict | None = None, timeout: float = 5.0):
+def _post_json(url: str, payload: dict | None = None, timeout: float = 5.0, headers: dict | None = None):
     import requests
 
-    r = requests.post(url, json=payload or {}, timeout=timeout)
+    r = requests.post(url, json=payload or {}, timeout=timeout, headers=headers)
     r.raise_for_status()
     return r.json()
 
@@ -241,12 +320,22 @@ def _wait(service: Service, ready, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def _port(host: str, port: int | None, name: str) -> int:
+    """`port` checked free (naming who holds it), or a free one."""
+    if port:
+        check_port(host, port, name)
+        return port
+    return free_port(host)
+
+
 def start_controller(log_dir: Path, env: dict[str, str], host: str = LOCALHOST, port: int | None = None,
                      timeout: float = CONTROLLER_TIMEOUT) -> Service:
-    port = port or free_port(host)
-    service = _start("controller", "llava.serve.controller", controller_args(host, port), log_dir, env, host, port)
+    port = _port(host, port, "controller")
+    service = _start("controller", "llava.serve.controller", controller_args(host, port), log_dir, env, host, port,
+                     headers=access.auth_headers(access.read_secret(env)))
     try:
-        _wait(service, lambda: isinstance(_post_json(service.url + "/list_models").get("models"), list),
+        _wait(service, lambda: isinstance(_post_json(service.url + "/list_models", headers=service.headers)
+                                          .get("models"), list),
               timeout, "answering /list_models")
     except BaseException:
         stop_services([service])
@@ -257,24 +346,26 @@ def start_controller(log_dir: Path, env: dict[str, str], host: str = LOCALHOST, 
 def start_worker(controller_url: str, model_path: str, log_dir: Path, env: dict[str, str], *,
                  model_base: str | None = None, model_name: str | None = None, device: str = "cpu",
                  host: str = LOCALHOST, port: int | None = None, extra_args: list[str] = ()) -> Service:
-    port = port or free_port(host)
+    port = _port(host, port, "model_worker")
     args = worker_args(controller_url, model_path, model_base=model_base, model_name=model_name,
                        device=device, host=host, port=port)
-    return _start("model_worker", "llava.serve.model_worker", args + list(extra_args), log_dir, env, host, port)
+    return _start("model_worker", "llava.serve.model_worker", args + list(extra_args), log_dir, env, host, port,
+                  headers=access.auth_headers(access.read_secret(env)))
 
 
 def wait_worker(worker: Service, controller_url: str, model_name: str, timeout: float = WORKER_TIMEOUT) -> None:
     """Until the controller lists `model_name` and the worker answers its status."""
     def ready() -> bool:
-        models = _post_json(controller_url + "/list_models")["models"]
-        return model_name in models and model_name in _post_json(worker.url + "/worker_get_status")["model_names"]
+        models = _post_json(controller_url + "/list_models", headers=worker.headers)["models"]
+        return model_name in models and model_name in _post_json(worker.url + "/worker_get_status",
+                                                                 headers=worker.headers)["model_names"]
 
     _wait(worker, ready, timeout, f"model {model_name!r} registered with the controller")
 
 
 def start_web(controller_url: str, log_dir: Path, env: dict[str, str], *, host: str = LOCALHOST,
               port: int | None = None, extra_args: list[str] = ()) -> Service:
-    port = port or free_port(host)
+    port = _port(host, port, "gradio_web_server")
     args = web_args(controller_url, host=host, port=port)
     return _start("gradio_web_server", "llava.serve.gradio_web_server", args + list(extra_args),
                   log_dir, env, host, port)
@@ -287,7 +378,7 @@ def start_ui(controller_url: str | None, log_dir: Path, env: dict[str, str], *, 
     if not Path(python).exists() and shutil.which(python) is None:
         raise StackError(f"no Python at {python} for the web UI: bash launch/bootstrap.sh --env ui "
                          f"creates .venv-ui (or pass --legacy-ui, or --no-web)")
-    port = port or free_port(host)
+    port = _port(host, port, "feallm_ui")
     return _start("feallm_ui", "feallm_llava.ui", ui_args(controller_url, host=host, port=port) + list(extra_args),
                   log_dir, env, host, port, python=python)
 
@@ -310,6 +401,7 @@ class Stack:
     model_name: str
     log_dir: Path
     services: list[Service] = field(default_factory=list)
+    headers: dict = field(default_factory=dict)  # what a client's requests carry (the shared secret)
 
     def stop(self, grace: float = STOP_GRACE) -> None:
         stop_services(self.services, grace)
@@ -341,23 +433,40 @@ def start_stack(model_path: str, *, model_base: str | None = None, model_name: s
                 worker_port: int | None = None, web_port: int | None = None,
                 log_dir: str | os.PathLike | None = None, env: dict[str, str] | None = None,
                 extra_worker_args: list[str] = (), extra_web_args: list[str] = (),
-                worker_timeout: float = WORKER_TIMEOUT, web_timeout: float = WEB_TIMEOUT) -> Stack:
+                worker_timeout: float = WORKER_TIMEOUT, web_timeout: float = WEB_TIMEOUT,
+                secret_file: str | os.PathLike | None = None, users_file: str | os.PathLike | None = None,
+                insecure: bool = False) -> Stack:
     """Start controller, then worker and (if `web`) the web UI; wait until all answer.
 
     `ui`: "feallm" (`feallm_llava.ui`, run by `ui_python`, default `default_ui_python()`)
-    or "legacy" (upstream's gradio_web_server, in this Python). On any failure every
-    process already started is stopped before the error propagates.
+    or "legacy" (upstream's gradio_web_server, in this Python). Access control: the shared
+    secret from `secret_file`, else `env`'s $FEALLM_SERVE_SECRET(_FILE) (`access`), handed
+    to every process in its environment; FEALLM's UI logs its people in from `users_file`.
+    A `host` other than loopback is refused without both unless `insecure`. On any
+    failure every process already started is stopped before the error propagates.
     """
     if ui not in UIS:
         raise ValueError(f"ui must be one of {UIS}, got {ui!r}")
-    if is_exposed(host):
+    env = service_env(env)
+    try:
+        secret = access.read_secret(env, secret_file)
+    except access.AccessError as err:
+        raise StackError(str(err)) from err
+    check_access(host, secret, users_file, ui if web else None, insecure)
+    if is_exposed(host) and insecure:
         print(exposure_warning(host, ui if web else None), file=sys.stderr)
     if web and ui == "legacy":
         _check_gradio()
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="feallm-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_dir = log_dir.resolve()
-    env = service_env(env)
+    env.pop(access.SECRET_FILE_ENV, None)
+    if secret:  # in the environment, never on a command line (`ps` shows those to every user)
+        env[access.SECRET_ENV] = secret
+    else:
+        env.pop(access.SECRET_ENV, None)
+    if users_file and ui == "feallm":
+        extra_web_args = [*extra_web_args, "--users-file", str(Path(users_file).resolve())]
     # the processes run in log_dir: a relative local path must not change meaning there
     model_path, model_base = local_to_absolute(model_path), local_to_absolute(model_base)
     name = model_name or model_name_from_path(model_path)
@@ -384,7 +493,35 @@ def start_stack(model_path: str, *, model_base: str | None = None, model_name: s
     except BaseException:
         stop_services(started)
         raise
-    return Stack(controller, worker, web_service, name, log_dir, started)
+    return Stack(controller, worker, web_service, name, log_dir, started, access.auth_headers(secret))
+
+
+def check_access(host: str, secret: str | None, users_file, ui: str | None, insecure: bool) -> None:
+    """Refuse a stack that a network could reach without access control (unless `insecure`),
+    and combinations that cannot work (upstream's UI cannot send the secret)."""
+    if secret and ui == "legacy":
+        raise StackError("upstream's web UI (--legacy-ui) cannot send the shared secret to the controller "
+                         "and worker: drop --legacy-ui (FEALLM's UI sends it), or --no-web")
+    if users_file and ui == "feallm":
+        try:
+            access.read_users(users_file)
+        except access.AccessError as err:
+            raise StackError(str(err)) from err
+    if secret and ui == "feallm" and not users_file:
+        raise StackError("a shared secret is set but the web UI has no users file: its page would let anyone "
+                         "who reaches it use the model. Pass --users-file FILE (python -m "
+                         "feallm_llava.integration.access add-user FILE NAME), or --no-web")
+    if not is_exposed(host) or insecure:
+        return
+    missing = []
+    if not secret:
+        missing.append(f"a shared secret (${access.SECRET_ENV} or ${access.SECRET_FILE_ENV}, or --secret-file)")
+    if ui == "legacy":
+        missing.append("a web UI with a login (--legacy-ui has none)")
+    if missing:
+        raise StackError(f"refusing to serve on {host} without access control: set {' and '.join(missing)}; "
+                         f"put TLS in front with a reverse proxy (README); or pass --insecure to expose it "
+                         f"as it is")
 
 
 def local_to_absolute(path: str | None) -> str | None:
@@ -427,6 +564,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the Python that runs FEALLM's UI (default: $FEALLM_UI_PYTHON, else .venv-ui "
                              "of this checkout; bash launch/bootstrap.sh --env ui creates it)")
     parser.add_argument("--log-dir", default=None, help="where logs go (default: a new temporary directory)")
+    parser.add_argument("--secret-file", default=None,
+                        help="file holding the shared secret every process demands and sends (default: "
+                             f"${access.SECRET_ENV}, else the file ${access.SECRET_FILE_ENV} names; never a value "
+                             "on the command line)")
+    parser.add_argument("--users-file", default=os.environ.get(access.USERS_FILE_ENV),
+                        help="the web UI's logins, NAME:scrypt$... lines (python -m "
+                             f"feallm_llava.integration.access add-user FILE NAME; default ${access.USERS_FILE_ENV})")
+    parser.add_argument("--insecure", action="store_true",
+                        help="serve on a non-loopback --host without access control (not advised)")
     parser.add_argument("--load-4bit", action="store_true", help="passed to the worker")
     parser.add_argument("--load-8bit", action="store_true", help="passed to the worker")
     parser.add_argument("--dry-run", action="store_true", help="print the three commands, start nothing")
@@ -462,6 +608,12 @@ def dry_run(args: argparse.Namespace, extra_worker_args: list[str]) -> str:
 def main(args: argparse.Namespace) -> int:
     extra_worker_args = [flag for flag, on in (("--load-4bit", args.load_4bit), ("--load-8bit", args.load_8bit)) if on]
     if args.dry_run:
+        try:
+            check_access(args.host, access.read_secret(secret_file=args.secret_file), args.users_file,
+                         ui_of(args), args.insecure)
+        except (StackError, access.AccessError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         if is_exposed(args.host):
             print(exposure_warning(args.host, ui_of(args)), file=sys.stderr)
         print(dry_run(args, extra_worker_args))
@@ -471,7 +623,8 @@ def main(args: argparse.Namespace) -> int:
                             device=args.device, host=args.host, web=not args.no_web,
                             ui="legacy" if args.legacy_ui else "feallm", ui_python=args.ui_python,
                             controller_port=args.controller_port, worker_port=args.worker_port,
-                            web_port=args.web_port, log_dir=args.log_dir, extra_worker_args=extra_worker_args)
+                            web_port=args.web_port, log_dir=args.log_dir, extra_worker_args=extra_worker_args,
+                            secret_file=args.secret_file, users_file=args.users_file, insecure=args.insecure)
     except StackError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -205,6 +205,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512, help="chat answer length limit (adjustable in the page)")
     p.add_argument("--analysis-max-new-tokens", type=int, default=256, help="answer length limit of the Analyze tab")
     p.add_argument("--title", default="FEALLM", help="page title")
+    p.add_argument("--users-file", default=os.environ.get("FEALLM_UI_USERS_FILE"),
+                   help="log people in from this file of NAME:scrypt$... lines (python -m "
+                        "feallm_llava.integration.access add-user FILE NAME); default $FEALLM_UI_USERS_FILE, "
+                        "else no login")
     return p
 
 
@@ -231,7 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--max-upload-mb must be > 0")
     from feallm_llava.serve.stack import is_exposed
 
-    if is_exposed(args.host):
+    from feallm_llava.integration.access import AccessError, UserCheck
+
+    try:
+        login = UserCheck(args.users_file) if args.users_file else None
+    except AccessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if is_exposed(args.host) and login is None:
         print(EXPOSURE_WARNING.format(host=args.host, port=args.port), file=sys.stderr, flush=True)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # before gradio is imported
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -252,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     page.launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb:g}mb",
                 share=False, ssr_mode=False, mcp_server=False, show_error=False, quiet=True,
                 run_history=False,  # no record of a user's uploads and answers (nor its cloud option)
+                auth=login, auth_message="FEALLM: log in with your name and password" if login else None,
                 footer_links=["api", "gradio", "settings"], theme=theme(), inbrowser=False)
     return 0
 

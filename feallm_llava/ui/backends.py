@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from feallm_llava.errors import FeallmError
+from feallm_llava.integration import access
 
 # upstream llava.conversation's conv_llava_v1 (SeparatorStyle.TWO, sep " ", sep2 "</s>")
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -97,6 +98,8 @@ class ControllerBackend:
         self.top_p = top_p
         self.timeout_s = timeout_s
         self.concurrency = max(1, concurrency)
+        # the stack's shared secret (from this process's environment), sent with every request
+        self.headers = access.auth_headers(access.read_secret())
 
     def describe(self) -> str:
         return f"upstream LLaVA controller {self.url}"
@@ -105,7 +108,7 @@ class ControllerBackend:
         import requests
 
         try:
-            r = requests.post(self.url + path, json=payload or {}, timeout=30)
+            r = requests.post(self.url + path, json=payload or {}, timeout=30, headers=self.headers)
             r.raise_for_status()
             return r.json()
         except (requests.RequestException, ValueError) as err:
@@ -138,7 +141,7 @@ class ControllerBackend:
         worker = self.worker_of(model)
         try:
             with requests.post(worker + "/worker_generate_stream", json=payload, stream=True,
-                               timeout=self.timeout_s) as r:
+                               timeout=self.timeout_s, headers=self.headers) as r:
                 r.raise_for_status()
                 for chunk in r.iter_lines(delimiter=b"\0"):
                     if not chunk:

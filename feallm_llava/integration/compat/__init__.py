@@ -48,6 +48,7 @@ SHIMS: tuple[Shim, ...] = (
     serving.worker_error_replies,
     serving.serve_examples,
     serving.worker_conv_template,
+    serving.worker_context_check,
     scripts.eval_scripts_on_cpu,
     scripts.scripts_conv_template,
 )

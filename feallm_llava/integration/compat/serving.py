@@ -250,6 +250,97 @@ def _in_trained_template(original):
     return generate_stream
 
 
+@shim("llava.model.builder", replaces="load_pretrained_model", versions="all")
+def worker_context_check(original):
+    """Without it: model_worker: the context check counts each `<image>` placeholder on top
+    of the image's own tokens, so a prompt one token under the context is refused and an
+    answer bound by the context is cut a token short; a refusal names no sizes.
+
+    ModelWorker.generate_stream: the prompt's length counted as the model sees it, each
+    image as the tokens its projector emits (the tower's `num_patches`: N + 1 for
+    `feallm`, N for `mlp2x_gelu`) in place of its placeholder; a prompt that leaves no
+    room to answer is refused (ValueError: error_code 1 with the counts), one that does is
+    answered up to the context's last position. Mended where `ModelWorker.__init__` calls
+    the loader, after `worker_conv_template`, so it counts the prompt the model is given.
+    """
+    def load_pretrained_model(*args, **kwargs):
+        for module in worker_modules():
+            wrap(module.ModelWorker, "generate_stream", "worker_context_check", _exact_context)
+        return original(*args, **kwargs)
+    return load_pretrained_model
+
+
+class ContextError(ValueError):
+    """A prompt (with its image tokens) that leaves the model no room to answer."""
+
+
+def prompt_length(worker, prompt: str, n_images: int) -> tuple[int, int]:
+    """(tokens the model is given for `prompt`, tokens of each image) on `worker`."""
+    from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+    from llava.mm_utils import tokenizer_image_token
+
+    if getattr(worker.model.config, "mm_use_im_start_end", False):
+        prompt = prompt.replace(DEFAULT_IMAGE_TOKEN, DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN)
+    ids = tokenizer_image_token(prompt, worker.tokenizer, IMAGE_TOKEN_INDEX)
+    per_image = int(worker.model.get_vision_tower().num_patches)
+    # each placeholder id is replaced by the image's tokens
+    return len(ids) - n_images + n_images * per_image, per_image
+
+
+def _exact_context(original):
+    """ModelWorker.generate_stream that refuses, with its counts, a prompt that fills the context."""
+    def generate_stream(self, params):
+        from llava.constants import DEFAULT_IMAGE_TOKEN
+
+        prompt = params.get("prompt") if isinstance(params, dict) else None
+        images = params.get("images") if isinstance(params, dict) else None
+        n_images = len(images) if images and self.is_multimodal else 0
+        if not isinstance(prompt, str) or n_images != prompt.count(DEFAULT_IMAGE_TOKEN):
+            yield from original(self, params)  # upstream's own errors for these
+            return
+        length, per_image = prompt_length(self, prompt, n_images)
+        context = getattr(self.model.config, "max_position_embeddings", 2048)
+        if context - length < 1:
+            images_part = f", {n_images} image(s) x {per_image} tokens" if n_images else ""
+            raise ContextError(f"Exceeds max token length: the prompt is {length} tokens{images_part}, the "
+                               f"model's context {context}: no room to answer. Please start a new conversation "
+                               f"or shorten the prompt.")
+        yield from original(_ExactCount(self) if n_images else self, params)
+    return generate_stream
+
+
+class _ExactCount:
+    """The worker as upstream's generate_stream sees it, its image count without the placeholder.
+
+    Upstream budgets `len(input_ids) + images x num_patches`, where input_ids already holds
+    one placeholder per image: each image is counted one token too many. Through this view
+    `num_patches` reads one less, for this call only; everything else is the worker's.
+    """
+
+    def __init__(self, worker):
+        self._worker = worker
+        self.model = _ModelCount(worker.model)
+
+    def __getattr__(self, name):
+        return getattr(self._worker, name)
+
+
+class _ModelCount:
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def get_vision_tower(self):
+        return _TowerCount(self._model.get_vision_tower().num_patches - 1)
+
+
+class _TowerCount:
+    def __init__(self, num_patches: int):
+        self.num_patches = num_patches
+
+
 SERVE_EXAMPLES = ("extreme_ironing.jpg", "waterview.jpg")  # what upstream's gradio_web_server names
 
 

@@ -15,7 +15,7 @@ is imported (`feallm_llava.autoload`).
 from __future__ import annotations
 
 from feallm_llava import autoload
-from feallm_llava.integration import compat
+from feallm_llava.integration import compat, serving_features
 from feallm_llava.integration.registry.builders import PROJECTOR_TYPE, hook_arch, hook_builders, is_feallm
 from feallm_llava.integration.registry.train_flags import hook_train
 from feallm_llava.integration.registry.trainer import hook_trainer
@@ -41,5 +41,6 @@ def register() -> None:
         return
     _registered = True
     compat.install()
+    serving_features.install()  # failover and access control of upstream's controller / worker
     for module, hook in HOOKS:
         autoload.after_import(module, hook)
