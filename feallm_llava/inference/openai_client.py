@@ -20,7 +20,7 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import openai
 from PIL import Image
@@ -102,16 +102,89 @@ class OpenAIBackend:
                 delay = self.backoff_s * (2 ** attempt) * self._jitter.uniform(0.5, 1.0)
         return min(delay, self.max_backoff_s)
 
-    def ask(self, item: Query) -> str:
-        """One item's answer text (retrying transient failures)."""
-        messages = [{"role": "user", "content": [
+    def _messages(self, item: Query) -> list[dict]:
+        return [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": image_data_url(item)}},
             {"type": "text", "text": item.question},
         ]}]
+
+    def ask(self, item: Query) -> str:
+        """One item's answer text (retrying transient failures)."""
+        response = self._create(item, messages=self._messages(item), max_tokens=self.max_new_tokens)
+        if not response.choices:
+            raise BackendError(f"item {item.id!r}: {self.model} returned no choices")
+        # stripped as the LLaVA runner strips its own: vLLM's detokenizer keeps the space
+        # the answer's first piece carries after "ASSISTANT:"
+        return (response.choices[0].message.content or "").strip()
+
+    # -- scoring ---------------------------------------------------------------------
+    def _prompt_logprobs(self, item: Query, messages: list[dict], continued: bool) -> list:
+        """The prompt's log-probabilities, one entry per prompt token (vLLM's extension)."""
+        extra: dict = {"prompt_logprobs": 0}
+        if continued:
+            extra.update(continue_final_message=True, add_generation_prompt=False)
+        response = self._create(item, messages=messages, max_tokens=1, extra_body=extra)
+        logprobs = getattr(response, "prompt_logprobs", None)
+        if logprobs is None and getattr(response, "model_extra", None):
+            logprobs = response.model_extra.get("prompt_logprobs")
+        if not isinstance(logprobs, list) or not logprobs:
+            raise BackendError(
+                f"item {item.id!r}: {self.model} at {self.where} returned no prompt log-probabilities; "
+                "probabilities (--scores) need a server that returns them for a continued assistant message "
+                "(vLLM's `prompt_logprobs` with `continue_final_message`: launch/serve_vllm.sh)")
+        return logprobs
+
+    def continuation_logprobs(self, item: Query, texts: Sequence[str]) -> list[float]:
+        """Summed log-probability of each answer text right after the item's prompt.
+
+        The chat protocol has no scoring call; vLLM's extension does it: the answer is
+        sent as an assistant message that the model continues (`continue_final_message`)
+        with `prompt_logprobs`, and the answer's tokens are the last ones of that prompt,
+        as many as it grew past the open prompt (asked the same way). A server that
+        returns no prompt log-probabilities is refused, never read as zeros.
+        """
+        messages = self._messages(item)
+        start = len(self._prompt_logprobs(item, messages, continued=False))
+        out = []
+        for text in texts:
+            logprobs = self._prompt_logprobs(item, messages + [{"role": "assistant", "content": text}], continued=True)
+            if len(logprobs) <= start:
+                raise BackendError(f"item {item.id!r}: {self.model} at {self.where}: the answer {text!r} gave "
+                                   f"{len(logprobs)} prompt tokens after an open prompt of {start}; cannot find "
+                                   "the answer's tokens")
+            summed = 0.0
+            for position in logprobs[start:]:
+                if not isinstance(position, dict) or len(position) != 1:
+                    raise BackendError(f"item {item.id!r}: {self.model} at {self.where} returned prompt "
+                                       f"log-probabilities that are not one per token: {str(position)[:80]}")
+                (entry,) = position.values()
+                summed += float(entry["logprob"] if isinstance(entry, dict) else entry)
+            out.append(summed)
+        return out
+
+    def score(self, items: Iterable[Query], continuations: Sequence[str] | Callable[[Query], Sequence[str]],
+              batch_size: int = 8) -> Iterator[tuple[Query, list[float]]]:
+        """(item, summed log-probabilities of its continuations) pairs as they complete,
+        `concurrency` items at a time (`batch_size` is the runner's; unused here)."""
+        pick = continuations if callable(continuations) else (lambda _item: continuations)
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai-score") as pool:
+            futures = {pool.submit(self.continuation_logprobs, item, list(pick(item))): item for item in items}
+            try:
+                for future in as_completed(futures):
+                    yield futures[future], future.result()
+            finally:
+                for f in futures:
+                    f.cancel()
+
+    @property
+    def where(self) -> str:
+        return self.base_url or "api.openai.com"
+
+    def _create(self, item: Query, **kwargs):
+        """One chat-completions call at temperature 0, retrying transient failures."""
         for attempt in range(self.max_attempts):
             try:
-                response = self.client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=0, max_tokens=self.max_new_tokens)
+                return self.client.chat.completions.create(model=self.model, temperature=0, **kwargs)
             except openai.OpenAIError as e:
                 if not _retryable(e):
                     raise BackendError(f"item {item.id!r}: {self.model} at {self.base_url or 'api.openai.com'} "
@@ -120,12 +193,6 @@ class OpenAIBackend:
                     raise BackendError(f"item {item.id!r}: {self.model} at {self.base_url or 'api.openai.com'} "
                                        f"still failing after {self.max_attempts} attempts: {e}") from e
                 time.sleep(self._sleep_before(attempt, e))
-                continue
-            if not response.choices:
-                raise BackendError(f"item {item.id!r}: {self.model} returned no choices")
-            # stripped as the LLaVA runner strips its own: vLLM's detokenizer keeps the space
-            # the answer's first piece carries after "ASSISTANT:"
-            return (response.choices[0].message.content or "").strip()
         raise AssertionError("unreachable")
 
     def generate(self, items: list[Query]) -> list[str]:
