@@ -14,8 +14,10 @@ components:
      readout     the stage-1 checkpoint captions the held-out faces; the captions are
                  parsed back and scored (what stage 1 alone taught the projector)
   6. stage2      the same script with LoRA on the FEA instruction set
-  7. eval        `feallm eval --bench feabench` on held-out subjects
-  8. score       `feallm score`: table, confusion matrix, per-AU F1 plot
+  7. eval        `feallm eval --bench feabench --scores` on held-out subjects, and on a
+                 validation split (unused frames of the training subjects)
+  8. score       `feallm score --tune-on`: table (text and probability rows), confusion
+                 matrix, per-AU F1 plot, reliability diagram
   9. analyze     `feallm analyze` on a held-out face, and on a real photo (astronaut),
                  labelled out of domain: the toy model knows cartoon faces only
 
@@ -148,11 +150,20 @@ def _readout(run: Run, projector: str) -> None:
 
 
 def _eval(run: Run, projector: str) -> None:
-    out = run.out / "eval" / projector
-    _cli("eval", "--bench", "feabench", "--data", run.out / "fea" / "eval.json",
-         "--model-path", _checkpoint(run, projector), "--model-base", run.out / "llm",
-         "--device", "cpu", "--batch-size", "16",
-         "--max-new-tokens", run.cfg.eval_max_new_tokens, "--seed", run.cfg.seed, "--out", out)
+    """FEABench on the held-out subjects, with probabilities (`--scores`), and the same on
+    the validation split (unused frames of the training subjects), where `feallm score`
+    tunes the per-AU thresholds."""
+    from feallm_llava.eval.validation_split import write_validation_split
+
+    val = run.out / "fea" / "val.json"
+    if not val.exists():
+        write_validation_split(run.out / "affwild2", run.out / "fea", val, run.cfg.eval_size, run.cfg.seed)
+    for data, out in ((run.out / "fea" / "eval.json", run.out / "eval" / projector),
+                      (val, run.out / "eval" / f"{projector}-val")):
+        _cli("eval", "--bench", "feabench", "--data", data,
+             "--model-path", _checkpoint(run, projector), "--model-base", run.out / "llm",
+             "--device", "cpu", "--batch-size", "16", "--scores",
+             "--max-new-tokens", run.cfg.eval_max_new_tokens, "--seed", run.cfg.seed, "--out", out)
 
 
 def _names(run: Run) -> list[tuple[str, str]]:
@@ -165,6 +176,7 @@ def _names(run: Run) -> list[tuple[str, str]]:
 def _score(run: Run) -> None:
     rows = _names(run)
     _cli("score", *[run.out / "eval" / p / "predictions.jsonl" for p, _ in rows],
+         "--tune-on", *[run.out / "eval" / f"{p}-val" / "predictions.jsonl" for p, _ in rows],
          "--out", run.out / "report", "--name", *[n for _, n in rows])
 
 
@@ -197,7 +209,7 @@ def _summary(run: Run) -> None:
     print(f"held-out synthetic subjects: {len(sorted({t['subject'] for t in truth}))}, images: {len(truth)}")
     print(_chance_line(truth))
     _print_readouts(run)
-    for name in ("scores.json", "scores.csv", "table.md", "confusion.png", "au_f1.png"):
+    for name in ("scores.json", "scores.csv", "table.md", "confusion.png", "au_f1.png", "reliability.png"):
         if (report / name).exists():
             print(f"  {report / name}")
     for csv in sorted((run.out / "analyze").glob("*")):
