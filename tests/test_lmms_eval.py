@@ -73,7 +73,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_the_folder_holds_the_items_feallm_eval_asks(feabench, tasks_dir):
     assert sorted(p.name for p in tasks_dir.iterdir()) == [
         "feallm_feabench_au.jsonl", "feallm_feabench_au.yaml", "feallm_feabench_fer.jsonl",
-        "feallm_feabench_fer.yaml", "utils.py"]
+        "feallm_feabench_fer.yaml", "feallm_feabench_fer_mc.yaml", "utils.py"]
     items = load_items("feabench", feabench).items  # as `feallm eval` builds them (seed 0)
     for task, suffix in (("fer", "fer"), ("aud", "au")):
         docs = read_jsonl(tasks_dir / f"feallm_feabench_{suffix}.jsonl")
@@ -96,7 +96,7 @@ def test_only_the_tasks_a_benchmark_has_and_its_aus(tmp_path, capsys):
     _bp4d(tmp_path / "bp4d", frames=60)
     assert main(["lmms-tasks", "--bench", "bp4d", "--data", str(tmp_path / "bp4d"), "--out", str(tmp_path / "t")]) == 0
     names = sorted(p.name for p in (tmp_path / "t").glob("*.yaml"))
-    assert names == ["feallm_bp4d_au.yaml", "feallm_rafdb_fer.yaml"]  # one folder, several benchmarks
+    assert names == ["feallm_bp4d_au.yaml", "feallm_rafdb_fer.yaml", "feallm_rafdb_fer_mc.yaml"]  # one folder
     bp4d_yaml = (tmp_path / "t" / "feallm_bp4d_au.yaml").read_text()
     assert [f"f1_{au_key(a)}" for a in BP4D_AUS] == [line.split(": ")[1] for line in bp4d_yaml.splitlines()
                                                     if line.startswith("  - metric: f1_")]
@@ -201,12 +201,12 @@ def test_records_of_two_benchmarks_in_one_task_are_refused(tasks_dir):
 
 # -- lmms-eval itself, as a subprocess ------------------------------------------------------
 
-def lmms_eval(tasks_dir: Path, out: Path, *args: str, extra_path: str = "", timeout: int = 600):
+def lmms_eval(tasks_dir: Path, out: Path, *args: str, extra_path: str = "", timeout: int = 600, tasks: str = TASKS):
     """Run lmms-eval offline; returns (stdout, results.json)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_CACHE": str(out / "hf-datasets"),
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), extra_path, os.environ.get("PYTHONPATH", "")) if p)}
-    cmd = [str(LMMS_EVAL), *args, "--include_path", str(tasks_dir), "--tasks", TASKS,
+    cmd = [str(LMMS_EVAL), *args, "--include_path", str(tasks_dir), "--tasks", tasks,
            "--output_path", str(out / "results"), "--log_samples", "--verbosity", "INFO"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=out)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -323,3 +323,31 @@ def test_lmms_eval_feallm_model_answers_as_feallm_eval(tasks_dir, feabench, chec
     for name, answers in logged_answers(tmp_path).items():
         docs = read_jsonl(tasks_dir / f"{name}.jsonl")[:3]
         assert answers == [ours[d["id"]] for d in docs]
+
+
+@needs_lmms_eval
+def test_lmms_eval_multiple_choice_accuracy_equals_feallm_scores_likelihood_accuracy(
+        tasks_dir, feabench, checkpoint, entry_point, tmp_path):
+    """`feallm_feabench_fer_mc` (one loglikelihood request per label, argmin of our summed
+    losses) and `feallm eval --scores` + `feallm score` on the same 6 FER items."""
+    path, base = checkpoint
+    _stdout, results = lmms_eval(tasks_dir, tmp_path, "--model", "feallm", "--model_args",
+                                 f"pretrained={path},model_base={base},device=cpu", "--batch_size", "4",
+                                 "--limit", "6", extra_path=entry_point, tasks="feallm_feabench_fer_mc")
+    acc = reported(results)["feallm_feabench_fer_mc"]["acc"]
+    assert main(["eval", "--bench", "feabench", "--data", str(feabench), "--model-path", str(path),
+                 "--model-base", str(base), "--device", "cpu", "--max-new-tokens", "4", "--limit", "12",
+                 "--scores", "--out", str(tmp_path / "eval")]) == 0
+    fer = [r for r in read_jsonl(tmp_path / "eval" / "predictions.jsonl") if r["task"] == "fer"]
+    assert [r["id"] for r in fer] == [d["id"] for d in read_jsonl(tasks_dir / "feallm_feabench_fer.jsonl")[:6]]
+    assert main(["score", str(tmp_path / "eval" / "predictions.jsonl"), "--out", str(tmp_path / "score")]) == 0
+    (row,) = json.loads((tmp_path / "score" / "scores.json").read_text())["rows"]
+    assert acc == row["fer_prob"]["accuracy"]
+    samples = read_jsonl(next((tmp_path / "results").rglob("*_samples_feallm_feabench_fer_mc.jsonl")))
+    losses = {s["doc_id"]: [r[0][0] if isinstance(r[0], list) else r[0] for r in s["resps"]] for s in samples}
+    for doc_id, r in enumerate(fer):  # the same numbers: loss = -log-probability, softmax over the 7
+        lp = [-x for x in losses[doc_id]]
+        top = max(lp)
+        z = sum(2.718281828459045 ** (v - top) for v in lp)
+        assert [2.718281828459045 ** (v - top) / z for v in lp] == pytest.approx(
+            [r["p_expression"][e] for e in EXPRESSIONS], abs=1e-4)

@@ -13,8 +13,9 @@ with left padding: `feallm_llava.inference.llava_runner.LlavaBackend`, the runne
 
 model_args: pretrained, model_base, conv_mode, device (cpu / cuda; default cuda when
 there is one), dtype (float32 / float16 / bfloat16), max_new_tokens (when a task names
-none). Decoding is greedy; a task's `until` strings cut the answer. Generation tasks
-with one image per question only; one process (no data parallelism).
+none). Decoding is greedy; a task's `until` strings cut the answer. `loglikelihood`
+(multiple-choice tasks such as `feallm_<bench>_fer_mc`) returns summed losses from one
+shared prefix per question. One image per question; one process (no data parallelism).
 
 The only module of feallm_llava that imports lmms_eval.
 """
@@ -114,8 +115,35 @@ class FeallmLlava(lmms):
             print("feallm: the task asks for sampling; the feallm model decodes greedily", file=sys.stderr)
             self._warned_sampling = True
 
-    def loglikelihood(self, requests):
-        raise NotImplementedError("feallm: only generate_until tasks (loglikelihood is not implemented)")
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """(loss, is_greedy) per request: the loss is the continuation's SUMMED negative
+        log-probability after the question (lmms-eval's models return a loss, and its
+        multiple_choice takes the argmin; a mean per token, as its `llava` returns,
+        misranks labels of different token lengths). The requests of one doc share one
+        prefix: the image and question run once, then all its continuations."""
+        docs: dict[tuple, tuple[_Question, list[tuple[int, str]]]] = {}
+        for index, request in enumerate(requests):
+            context, continuation, doc_to_visual, doc_id, task, split = request.args
+            key = (task, split, doc_id, context)
+            if key not in docs:
+                doc = self.task_dict[task][split][doc_id]
+                docs[key] = (_Question(str(len(docs)), context, lambda f=doc_to_visual, d=doc: f(d),
+                                       f"task {task!r} doc {doc_id}"), [])
+            # the template puts the separator between question and answer ("ASSISTANT: Anger")
+            docs[key][1].append((index, continuation.lstrip()))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        questions = [q for q, _ in docs.values()]
+        members = {q.id: m for q, m in docs.values()}
+        with tqdm(total=len(requests), desc="Model Scoring", disable=self.rank != 0) as bar:
+            for start in range(0, len(questions), self.batch_size):
+                batch = questions[start:start + self.batch_size]
+                scores = self.backend.continuation_scores(batch, [[t for _, t in members[q.id]] for q in batch])
+                for question, row in zip(batch, scores):
+                    for (index, _), (logprob, greedy) in zip(members[question.id], row):
+                        results[index] = (-logprob, greedy)
+                        self.cache_hook.add_partial("loglikelihood", requests[index].args[:2], results[index])
+                        bar.update(1)
+        return results
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("feallm: only generate_until tasks (multi-round is not implemented)")

@@ -11,6 +11,7 @@ items, the same questions (sampled from our templates with `--seed`) and the sam
 `--limit` as `feallm eval` asks. Written to `--out`, an lmms-eval include path:
 
     feallm_<bench>_fer.jsonl / .yaml   the FER items and their task (FEABench, RAF-DB, AffectNet)
+    feallm_<bench>_fer_mc.yaml         the FER items as multiple choice over the 7 labels
     feallm_<bench>_au.jsonl / .yaml    the AUD items and their task (FEABench, BP4D, DISFA)
     utils.py                           the hooks the YAMLs name: a shim importing this module
 
@@ -38,7 +39,7 @@ from feallm_llava.eval import report
 from feallm_llava.eval.items import EvalItem
 from feallm_llava.eval.run import add_benchmark_arguments, load_benchmark, prediction_record
 from feallm_llava.eval.score import PredictionsError, group_rows, prediction, score_row, scored_record
-from feallm_llava.facs.labels import AUS, au_key
+from feallm_llava.facs.labels import AUS, EXPRESSIONS, au_key
 
 EXAMPLES = """\
   feallm lmms-tasks --bench feabench --data playground/data/fea --out runs/lmms-tasks
@@ -54,7 +55,7 @@ SUFFIX = {"fer": "fer", "aud": "au"}
 MODEL = "lmms-eval"
 
 # What the include folder's utils.py imports: the hooks its YAMLs name.
-__all__ = ["doc_to_visual", "doc_to_text", "doc_to_target", "process_results",
+__all__ = ["doc_to_visual", "doc_to_text", "doc_to_target", "doc_to_label_index", "process_results",
            "fer_accuracy", "fer_parse_failures", "au_mean_f1", "au_parse_failures",
            "au_f1_AU01", "au_f1_AU02", "au_f1_AU04", "au_f1_AU06", "au_f1_AU07", "au_f1_AU10",
            "au_f1_AU12", "au_f1_AU15", "au_f1_AU23", "au_f1_AU24", "au_f1_AU25", "au_f1_AU26"]
@@ -95,6 +96,12 @@ def doc_to_target(doc: dict) -> str:
     if doc["task"] == "fer":
         return doc["gt_expression"]
     return ", ".join(au_key(au) for au in doc["gt_aus"]) or "none"
+
+
+def doc_to_label_index(doc: dict) -> int:
+    """The multiple-choice target: the ground-truth expression's index among the choices
+    (EXPRESSIONS, the order `feallm_<bench>_fer_mc` lists them in)."""
+    return EXPRESSIONS.index(doc["gt_expression"])
 
 
 def process_results(doc: dict, results: list) -> dict[str, dict]:
@@ -218,6 +225,35 @@ metadata:
 """
 
 
+def mc_task_yaml(name: str, bench_title: str, items_file: Path, provenance: dict) -> str:
+    """FER as lmms-eval's multiple_choice: one loglikelihood request per expression, the
+    label right after the question; accuracy = the most likely label is the truth (what
+    `feallm score` reports as the likelihood FE accuracy of `feallm eval --scores`)."""
+    return f"""\
+# Written by `feallm lmms-tasks` (feallm-llava {__version__}): {bench_title}, facial expression
+# recognition as multiple choice over the 7 labels (summed log-likelihood of each label).
+# Regenerate rather than edit.
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(items_file))}
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_choice: {json.dumps(list(EXPRESSIONS))}
+doc_to_target: !function utils.doc_to_label_index
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+  feallm: {json.dumps(provenance, sort_keys=True)}
+"""
+
+
 def write_tasks(args: argparse.Namespace) -> dict:
     """Read the benchmark and write its tasks to args.out; returns what was written."""
     loaded, items = load_benchmark(args)
@@ -241,6 +277,10 @@ def write_tasks(args: argparse.Namespace) -> dict:
             task_yaml(name, bench.title, task, items_file, bench.aus, args.max_new_tokens, provenance),
             encoding="utf-8")
         tasks[name] = len(mine)
+        if task == "fer":  # the same items as multiple choice over the labels
+            mc = f"{name}_mc"
+            (out / f"{mc}.yaml").write_text(mc_task_yaml(mc, bench.title, items_file, provenance), encoding="utf-8")
+            tasks[mc] = len(mine)
     (out / "utils.py").write_text(UTILS, encoding="utf-8")
     return {"bench": bench.name, "out": str(out), "tasks": tasks,
             "dropped": dict(sorted(loaded.dropped.items())), **provenance}

@@ -183,11 +183,17 @@ class LlavaBackend:
                              "prompt (the tokenizer merges across their boundary); it cannot be scored")
         return full[len(prompt):]
 
-    @torch.inference_mode()
     def continuation_logprobs(self, items: list[Query], continuations: Sequence[Sequence[str]],
                               max_rows: int = 64) -> list[list[float]]:
         """Summed log-probability of each answer text in `continuations[i]` right after
-        item i's prompt, for one batch of items.
+        item i's prompt, for one batch of items (`continuation_scores`)."""
+        return [[lp for lp, _ in row] for row in self.continuation_scores(items, continuations, max_rows)]
+
+    @torch.inference_mode()
+    def continuation_scores(self, items: list[Query], continuations: Sequence[Sequence[str]],
+                            max_rows: int = 64) -> list[list[tuple[float, bool]]]:
+        """(summed log-probability, whether greedy decoding gives it) of each answer text
+        in `continuations[i]` right after item i's prompt, for one batch of items.
 
         The image and question run once per item (left-padded, as `generate`); their KV
         cache is then repeated over that item's continuations, which run together
@@ -225,7 +231,7 @@ class LlavaBackend:
 
         rows = [(i, self.continuation_ids(item, text).to(device))
                 for i, (item, texts) in enumerate(zip(items, continuations)) for text in texts]
-        scores: list[float] = []
+        scores: list[tuple[float, bool]] = []
         for start in range(0, len(rows), max_rows):
             part = rows[start:start + max_rows]
             index = torch.tensor([i for i, _ in part], device=device)
@@ -241,10 +247,12 @@ class LlavaBackend:
                       position_ids=lengths[index, None] + torch.arange(span, device=device))
             logp = torch.log_softmax(self.model.lm_head(out.last_hidden_state[:, :-1]).float(), dim=-1)  # (N, T-1, V)
             for r, (i, t) in enumerate(part):
-                total = first[i, t[0]]
+                total, greedy = first[i, t[0]], bool(first[i].argmax() == t[0])
                 if len(t) > 1:
-                    total = total + logp[r, torch.arange(len(t) - 1, device=device), t[1:]].sum()
-                scores.append(float(total))
+                    steps = logp[r, torch.arange(len(t) - 1, device=device)]        # (len - 1, V)
+                    total = total + steps.gather(1, t[1:, None]).sum()
+                    greedy = greedy and bool((steps.argmax(-1) == t[1:]).all())
+                scores.append((float(total), greedy))
         out_lists, n = [], 0
         for texts in continuations:
             out_lists.append(scores[n:n + len(texts)])
