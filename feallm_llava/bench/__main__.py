@@ -18,6 +18,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                    "upstream's controller + worker under concurrent and faulty requests, then a worker kill"),
     "video": ("feallm_llava.bench.video",
               "feallm analyze on synthetic videos of the demo's held-out subjects: accuracy and frames/s"),
+    "scores": ("feallm_llava.bench.scores",
+               "FER probabilities (7 labels from one shared prefix) vs generating the FER answer"),
     "vllm": ("feallm_llava.bench.vllm_serving",
              "an exported FEALLM served by vLLM (concurrent requests) vs the LLaVA runner (batch 8 and 1)"),
 }
