@@ -18,6 +18,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                    "upstream's controller + worker under concurrent and faulty requests, then a worker kill"),
     "video": ("feallm_llava.bench.video",
               "feallm analyze on synthetic videos of the demo's held-out subjects: accuracy and frames/s"),
+    "detect": ("feallm_llava.bench.detect",
+               "face detectors on synthetic pictures of five skin tones: recall per tone, landmarks, time"),
     "scores": ("feallm_llava.bench.scores",
                "FER probabilities (7 labels from one shared prefix) vs generating the FER answer"),
     "vllm": ("feallm_llava.bench.vllm_serving",

@@ -4,8 +4,10 @@ held-out subjects, with a trained demo checkpoint.
 accuracy: the held-out subjects of a demo run (the subjects of its `fea/eval.json`, the
 same identities `write_affwild2` drew for them) are drawn into synthetic videos, two per
 video (`data.synthetic_video`: moving, changing expression every 6-10 frames, the demo's
-per-frame nuisance). `feallm analyze` samples them, finds and tracks the faces and asks
-the FER and AUD questions (no reasoning: the demo trains none); each row is matched to
+per-frame nuisance). `feallm analyze` samples them, finds the faces (`--detector`, YuNet
+by default), aligns each on its 5 landmarks to the template of the demo's training
+pictures (`--align synthetic`), tracks them and asks the FER and AUD questions (no
+reasoning: the demo trains none); each row is matched to
 the face it lies on (IoU > 0.5) and scored against that frame's truth with FEABench's
 metrics (`eval.metrics`: FE accuracy, mean F1 over the 12 AUs). Printed beside the
 demo's own image accuracy on FEABench (its `eval/feallm/predictions.jsonl`, scored as
@@ -15,6 +17,7 @@ throughput: frames per second of `feallm analyze --every 1` on one such video, a
 `--batch-sizes` (the same model; both faces of every frame asked).
 
     python -m feallm_llava.bench video --demo runs/demo                  # both
+    python -m feallm_llava.bench video --demo runs/demo --detector haar --align none   # Haar, calibrated crops
     python -m feallm_llava.bench video --demo runs/demo --mode throughput --batch-sizes 1,8
 """
 
@@ -40,13 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=10.0, help="frame rate of the synthetic videos")
     parser.add_argument("--every", type=int, default=2, help="analyse every N-th frame (accuracy)")
     parser.add_argument("--face-size", type=int, default=96, help="side of a face picture in the video, pixels")
+    parser.add_argument("--detector", default="yunet", help="face detector (serve.detectors.DETECTORS)")
+    parser.add_argument("--detector-model", default=None, metavar="FILE.onnx", help="YuNet's ONNX file (yunet-onnx)")
+    parser.add_argument("--align", default="synthetic",
+                        help="alignment template (serve.align.ALIGNMENTS; synthetic: the demo's training pictures), "
+                             "or none: a margin crop around the box (--margin, --crop-shift)")
     parser.add_argument("--margin", type=float, default=None,
-                        help="crop margin (default: calibrated so that the detector's box becomes the face picture "
-                             "the demo trained on, measured on training subjects)")
+                        help="crop margin without alignment (default: calibrated so that the detector's box becomes "
+                             "the face picture the demo trained on, measured on training subjects)")
     parser.add_argument("--crop-shift", type=float, default=None,
-                        help="crop centre below the box's, in box heights (default: calibrated with --margin)")
+                        help="crop centre below the box's, in box heights, without alignment (default: calibrated "
+                             "with --margin)")
     parser.add_argument("--equalize", choices=("global", "local", "none"), default="local",
-                        help="detector contrast (global equalisation misses the darkest synthetic skin tones)")
+                        help="Haar's contrast (global equalisation misses the darkest synthetic skin tones)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call (accuracy)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the demo's eval setting")
     parser.add_argument("--throughput-frames", type=int, default=16, help="frames of the throughput video")
@@ -74,18 +83,20 @@ def framing(subjects: list[int], folder: Path, args, seed: int) -> tuple[float, 
     from statistics import median
 
     from feallm_llava.data.video import Sampling, VideoReader
-    from feallm_llava.serve.detect import detect_faces
+    from feallm_llava.serve.detectors import make_detector
     from feallm_llava.serve.track import iou
+
+    detector = make_detector(args.detector, model=args.detector_model, equalize=args.equalize)
 
     ratios, shifts = [], []
     for video in render_videos(subjects, folder, 8, args.fps, args.face_size, seed):
         with VideoReader(video.path) as reader:
             for frame in reader.frames(Sampling(every=1)):
                 truth = video.truth_of(frame.index)
-                for box in detect_faces(frame.image, equalize=args.equalize):
+                for box in detector.detect(frame.image):
                     b = box.as_tuple()
                     best = max(truth, key=lambda t: iou(b, t["box"]), default=None)
-                    if best is not None and iou(b, best["box"]) > 0.3:
+                    if best is not None and on_picture(b, best["box"]):
                         x, y, w, h = best["box"]
                         ratios.append(w / max(b[2], b[3]))
                         shifts.append(((y + h / 2) - (b[1] + b[3] / 2)) / b[3])
@@ -110,6 +121,16 @@ def render_videos(subjects: list[int], folder: Path, frames: int, fps: float, fa
     return videos
 
 
+def on_picture(box, picture) -> bool:
+    """A detection lies on a drawn face when its centre is inside the face's picture and its
+    area is 20-150 % of the picture's: the truth is the square picture, and detectors box
+    the face inside it (a YuNet box covers about half the picture: IoU alone would miss it)."""
+    x, y, w, h = box
+    px, py, pw, ph = picture
+    cx, cy = x + w / 2, y + h / 2
+    return px <= cx <= px + pw and py <= cy <= py + ph and 0.2 <= w * h / (pw * ph) <= 1.5
+
+
 def score_video_rows(rows: list[dict], videos) -> dict:
     """Rows of `analyze` matched to the truth of their frame and scored like FEABench."""
     from feallm_llava.eval.metrics import au_metrics, fer_metrics
@@ -119,6 +140,7 @@ def score_video_rows(rows: list[dict], videos) -> dict:
     gt_expr, pred_expr, gt_aus, pred_aus = [], [], [], []
     ids: dict[tuple[str, int], Counter] = {}
     truth_faces = 0
+    seen: set[tuple[str, int, int]] = set()   # (video, frame, person) with a detection: a face twice counts once
     sampled = {(str(r["input"]), int(r["frame"])) for r in rows if r["frame"] is not None}
     for video in videos:
         truth_faces += sum((str(video.path), t["frame"]) in sampled for t in video.truth)
@@ -127,10 +149,11 @@ def score_video_rows(rows: list[dict], videos) -> dict:
             continue
         video = next(v for v in videos if str(v.path) == str(r["input"]))
         box = tuple(int(r[k]) for k in ("face_x", "face_y", "face_w", "face_h"))
-        truth = [t for t in video.truth_of(int(r["frame"])) if iou(box, t["box"]) > 0.5]
+        truth = [t for t in video.truth_of(int(r["frame"])) if on_picture(box, t["box"])]
         if not truth:
             continue   # a detection on no drawn face
-        t = truth[0]
+        t = max(truth, key=lambda t: iou(box, t["box"]))
+        seen.add((str(video.path), int(r["frame"]), t["person"]))
         ids.setdefault((str(video.path), t["person"]), Counter())[int(r["face_id"])] += 1
         gt_expr.append(t["expression"])
         pred_expr.append(r["expression"] or None)
@@ -141,7 +164,7 @@ def score_video_rows(rows: list[dict], videos) -> dict:
     switches = sum(len(c) - 1 for c in ids.values())
     majority = sum(c.most_common(1)[0][1] for c in ids.values())
     return {"face_frames_scored": len(gt_expr), "truth_face_frames": truth_faces,
-            "found": len(gt_expr) / truth_faces if truth_faces else 0.0,
+            "found": len(seen) / truth_faces if truth_faces else 0.0,
             "fe_accuracy": fe.accuracy, "fe_parse_failures": fe.parse_failures, "mean_au_f1": au.mean_f1,
             "au_f1": {au_key(a): f for a, f in au.f1.items()}, "people": len(ids),
             "extra_ids": switches, "rows_on_majority_id": majority / max(1, sum(sum(c.values()) for c in ids.values()))}
@@ -179,13 +202,15 @@ def accuracy(args, demo: Path, out: Path, backend, seed: int) -> dict:
     t0 = time.perf_counter()
     frame = analyze([v.path for v in videos], backend=backend, every=args.every, reasoning="none",
                     margin=args.margin, crop_shift=args.crop_shift, equalize=args.equalize,
+                    detector=args.detector, detector_model=args.detector_model, align=args.align,
                     batch_size=args.batch_size, progress=True)
     seconds = time.perf_counter() - t0
     rows = plain_rows(frame)
     (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     scores = score_video_rows(rows, videos)
     scores.update(subjects=[f"synth_{s:03d}" for s in subjects], videos=[str(v.path) for v in videos],
-                  seconds=round(seconds, 1), every=args.every, equalize=args.equalize)
+                  seconds=round(seconds, 1), every=args.every, equalize=args.equalize,
+                  detector=frame.attrs.get("detector"), align=frame.attrs.get("align"))
     return scores
 
 
@@ -202,8 +227,8 @@ def throughput(args, out: Path, backend, seed: int, subjects: list[int]) -> list
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             frame = analyze(video.path, backend=backend, every=1, reasoning="none", margin=args.margin,
-                            crop_shift=args.crop_shift,
-                            equalize=args.equalize, batch_size=batch, progress=False)
+                            crop_shift=args.crop_shift, detector=args.detector, detector_model=args.detector_model,
+                            align=args.align, equalize=args.equalize, batch_size=batch, progress=False)
             times.append(time.perf_counter() - t0)
         faces = int(frame["face_id"].notna().sum())
         best = min(times)
@@ -226,12 +251,17 @@ def main(args: argparse.Namespace) -> int:
     max_new_tokens = args.max_new_tokens or int(config.get("eval_max_new_tokens", 160))
     backend = _backend(demo, max_new_tokens)
     report: dict = {"demo": str(demo), "max_new_tokens": max_new_tokens, "threads": args.threads}
-    if args.margin is None or args.crop_shift is None:
+    if args.align != "none":
+        args.margin = 0.25 if args.margin is None else args.margin   # only faces without landmarks use it
+        args.crop_shift = 0.0 if args.crop_shift is None else args.crop_shift
+        print(f"detector {args.detector}, faces aligned to the {args.align} template")
+    elif args.margin is None or args.crop_shift is None:
         margin, shift = framing(training_subjects(demo)[:8], out / "calibration", args, seed)
         args.margin = round(margin, 3) if args.margin is None else args.margin
         args.crop_shift = round(shift, 3) if args.crop_shift is None else args.crop_shift
-        print(f"crop margin {args.margin}, crop shift {args.crop_shift} (calibrated on 8 training subjects)")
-    report.update(margin=args.margin, crop_shift=args.crop_shift)
+        print(f"detector {args.detector}, crop margin {args.margin}, crop shift {args.crop_shift} (calibrated on "
+              f"8 training subjects)")
+    report.update(detector=args.detector, align=args.align, margin=args.margin, crop_shift=args.crop_shift)
     if args.mode in ("accuracy", "both"):
         report["images"] = image_reference(demo)
         report["video"] = accuracy(args, demo, out, backend, seed)
