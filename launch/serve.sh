@@ -16,16 +16,21 @@
 # Environment (flags given on the command line win):
 #   FEALLM_MODEL_PATH, FEALLM_MODEL_BASE, FEALLM_DEVICE (default cpu),
 #   FEALLM_SERVE_HOST (default 127.0.0.1), FEALLM_WEB_PORT, FEALLM_SERVE_LOG_DIR,
-#   FEALLM_VENV (default .venv of this repository), FEALLM_UI_VENV (default .venv-ui).
+#   FEALLM_VENV (default .venv of this repository), FEALLM_UI_VENV (default .venv-ui),
+#   FEALLM_SERVE_SECRET_FILE (or FEALLM_SERVE_SECRET), FEALLM_UI_USERS_FILE.
 #
 # Security: every server binds to 127.0.0.1 unless you pass --host 0.0.0.0 (or set
-# FEALLM_SERVE_HOST). Upstream's controller and model_worker have no authentication:
-# anyone who reaches their ports can use the model and register workers (which the
-# controller then routes requests to); neither UI has a login; upstream's UI
-# (--legacy-ui) needs gradio 4.16.0, which has published path-traversal advisories fixed
-# only in much later releases. A warning is printed when the stack is exposed. Prefer an
-# SSH tunnel: ssh -L 7860:127.0.0.1:<web port> host.
-# Ctrl-C (or SIGTERM) stops all three processes.
+# FEALLM_SERVE_HOST), which is refused without access control:
+#   python -c 'import secrets; print(secrets.token_urlsafe(32))' > secret && chmod 600 secret
+#   python -m feallm_llava.integration.access add-user users alice      # the UI's logins
+#   FEALLM_SERVE_SECRET_FILE=secret bash launch/serve.sh --host 0.0.0.0 --users-file users ...
+# The controller, worker and UI then demand the secret of every request (401 otherwise) and
+# send it to each other; it travels in their environment, never on a command line. Put TLS
+# in front with a reverse proxy (README). --insecure exposes the stack without any of this.
+# Upstream's UI (--legacy-ui) has no login, cannot send the secret, and needs gradio 4.16.0
+# (published path-traversal advisories).
+# Ctrl-C (or SIGTERM) stops all three processes; if this script's process is killed
+# (SIGKILL, the OOM killer), the kernel kills them too.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${FEALLM_VENV:-$root/.venv}/bin/python"

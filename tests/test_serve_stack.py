@@ -171,12 +171,14 @@ def test_every_server_listens_on_loopback_only(served):
         assert _listening_addresses(port) == {"127.0.0.1"}, s.name
 
 
-def _serve_sh(*args: str, **env: str) -> subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if k not in ("FEALLM_SERVE_HOST", "FEALLM_UI_PYTHON", "FEALLM_UI_VENV")}
+def _serve_sh(*args: str, rc: int = 0, **env: str) -> subprocess.CompletedProcess:
+    unset = ("FEALLM_SERVE_HOST", "FEALLM_UI_PYTHON", "FEALLM_UI_VENV", "FEALLM_SERVE_SECRET",
+             "FEALLM_SERVE_SECRET_FILE", "FEALLM_UI_USERS_FILE")
+    full = {k: v for k, v in os.environ.items() if k not in unset}
     full.update(env)
     proc = subprocess.run(["bash", str(ROOT / "launch/serve.sh"), *args, "--dry-run"], env=full,
                           capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == rc, proc.stderr
     return proc
 
 
@@ -184,7 +186,7 @@ def _modules(proc: subprocess.CompletedProcess) -> list[str]:
     return [c.split(" -m ")[1].split()[0] for c in proc.stdout.strip().splitlines()]
 
 
-def test_serve_sh_binds_loopback_by_default_and_warns_when_exposed(tmp_path):
+def test_serve_sh_binds_loopback_by_default_and_refuses_to_expose_without_access_control(tmp_path):
     plain = _serve_sh("--model-path", "m-llava")
     commands = plain.stdout.strip().splitlines()
     # FEALLM's UI by default, run by the UI's own environment
@@ -193,7 +195,25 @@ def test_serve_sh_binds_loopback_by_default_and_warns_when_exposed(tmp_path):
     assert "--controller http://127.0.0.1:PORT" in commands[2]
     assert all("--host 127.0.0.1" in c for c in commands) and "WARNING" not in plain.stderr
 
-    exposed = _serve_sh(FEALLM_SERVE_HOST="0.0.0.0", FEALLM_MODEL_PATH="m-llava", FEALLM_DEVICE="cuda",
+    refused = _serve_sh(FEALLM_SERVE_HOST="0.0.0.0", FEALLM_MODEL_PATH="m-llava", rc=2,
+                        FEALLM_UI_VENV=str(tmp_path / "ui-env"))
+    assert "refusing to serve on 0.0.0.0 without access control" in refused.stderr and not refused.stdout
+    assert "FEALLM_SERVE_SECRET" in refused.stderr and "--insecure" in refused.stderr
+
+    from feallm_llava.integration import access
+
+    secret, users = tmp_path / "secret", tmp_path / "users"
+    secret.write_text("s" * 24 + "\n")
+    access.add_user(users, "ana", "a long password")
+    no_users = _serve_sh("--model-path", "m-llava", "--host", "0.0.0.0", rc=2, FEALLM_SERVE_SECRET_FILE=str(secret),
+                         FEALLM_UI_VENV=str(tmp_path / "ui-env"))
+    assert "no users file" in no_users.stderr and "--users-file" in no_users.stderr
+    guarded = _serve_sh("--model-path", "m-llava", "--host", "0.0.0.0", "--users-file", str(users),
+                        FEALLM_SERVE_SECRET_FILE=str(secret), FEALLM_UI_VENV=str(tmp_path / "ui-env"))
+    assert "WARNING" not in guarded.stderr and f"--users-file {users}" in guarded.stdout
+    assert "s" * 24 not in guarded.stdout + guarded.stderr
+
+    exposed = _serve_sh("--insecure", FEALLM_SERVE_HOST="0.0.0.0", FEALLM_MODEL_PATH="m-llava", FEALLM_DEVICE="cuda",
                         FEALLM_UI_VENV=str(tmp_path / "ui-env"))
     assert "--host 0.0.0.0" in exposed.stdout and "--device cuda" in exposed.stdout
     assert exposed.stdout.strip().splitlines()[2].split()[0] == str(tmp_path / "ui-env/bin/python")
@@ -207,7 +227,9 @@ def test_serve_sh_legacy_ui_starts_upstreams_page_and_warns_of_its_advisories():
     assert _modules(legacy) == ["llava.serve.controller", "llava.serve.model_worker", "llava.serve.gradio_web_server"]
     assert all("--host 127.0.0.1" in c for c in legacy.stdout.splitlines()) and "WARNING" not in legacy.stderr
 
-    exposed = _serve_sh("--model-path", "m-llava", "--legacy-ui", "--host", "0.0.0.0")
+    refused = _serve_sh("--model-path", "m-llava", "--legacy-ui", "--host", "0.0.0.0", rc=2)
+    assert "without access control" in refused.stderr and "--legacy-ui has none" in refused.stderr
+    exposed = _serve_sh("--model-path", "m-llava", "--legacy-ui", "--host", "0.0.0.0", "--insecure")
     assert "WARNING" in exposed.stderr and "path-traversal" in exposed.stderr and "gradio 4.16.0" in exposed.stderr
     assert "no authentication" in exposed.stderr
 

@@ -16,12 +16,19 @@ returns a `Stack` whose `stop()` ends every process group; `launch/serve.sh` and
 use it, and `python -m feallm_llava.serve.stack --model-path P` runs it in the foreground
 until Ctrl-C.
 
-Every server binds to 127.0.0.1 unless the caller asks for another host: upstream's
-controller and worker have no authentication (whoever reaches their ports can generate,
-or register a worker of their own that the controller then routes requests to), neither
-UI has a login, and gradio 4.16.0 (the version upstream's UI needs) has published
-path-traversal advisories that are fixed only in much later releases, so exposing them
-to a network is an explicit choice that prints `EXPOSURE_WARNING`.
+Every server binds to 127.0.0.1 unless the caller asks for another host. Upstream's
+controller and worker have no authentication of their own (whoever reaches their ports
+can generate, or register a worker that the controller then routes requests to), so the
+integration (`integration.serving_features`) makes them demand a shared secret when one
+is set (`integration.access`: from a file or the environment, handed to each process in
+its environment, never on a command line), and FEALLM's UI logs people in from a users
+file. Another host is refused without both (`check_access`) unless `insecure`, which
+prints `EXPOSURE_WARNING`; upstream's UI (gradio 4.16.0, published path-traversal
+advisories) can send no secret and has no login.
+
+No orphans: each process gets SIGKILL when the supervisor dies, however it dies
+(Linux's PR_SET_PDEATHSIG, `die_with_parent`), and a start on a port still held names
+the pids holding it (`check_port`).
 
 Each process runs in its own session (process group) with its working directory in
 `log_dir`: upstream writes its log files (`controller.log`, `model_worker_<id>.log`,
@@ -60,8 +67,9 @@ EXPOSURE_WARNING = (
     "Upstream's controller and model_worker have no authentication: anyone who reaches "
     "their ports can use the model and register workers (the controller then routes "
     "requests to them). "
-    "Expose it only on a network you trust, or keep the default 127.0.0.1 and use an SSH "
-    "tunnel (ssh -L PORT:127.0.0.1:PORT host)."
+    "Expose it only on a network you trust; better: set a shared secret "
+    "(FEALLM_SERVE_SECRET_FILE) and the UI's --users-file behind a TLS reverse proxy, or keep the "
+    "default 127.0.0.1 and use an SSH tunnel (ssh -L PORT:127.0.0.1:PORT host)."
 )
 # What each web UI adds to the warning ({ui} above).
 UI_RISKS = {
@@ -452,8 +460,7 @@ def start_stack(model_path: str, *, model_base: str | None = None, model_name: s
         secret = access.read_secret(env, secret_file)
     except access.AccessError as err:
         raise StackError(str(err)) from err
-    check_access(host, secret, users_file, ui if web else None, insecure)
-    if is_exposed(host) and insecure:
+    if check_access(host, secret, users_file, ui if web else None, insecure):
         print(exposure_warning(host, ui if web else None), file=sys.stderr)
     if web and ui == "legacy":
         _check_gradio()
@@ -496,9 +503,10 @@ def start_stack(model_path: str, *, model_base: str | None = None, model_name: s
     return Stack(controller, worker, web_service, name, log_dir, started, access.auth_headers(secret))
 
 
-def check_access(host: str, secret: str | None, users_file, ui: str | None, insecure: bool) -> None:
+def check_access(host: str, secret: str | None, users_file, ui: str | None, insecure: bool) -> bool:
     """Refuse a stack that a network could reach without access control (unless `insecure`),
-    and combinations that cannot work (upstream's UI cannot send the secret)."""
+    and combinations that cannot work (upstream's UI cannot send the secret). True when it
+    is exposed without access control (`insecure`): the caller prints the warning."""
     if secret and ui == "legacy":
         raise StackError("upstream's web UI (--legacy-ui) cannot send the shared secret to the controller "
                          "and worker: drop --legacy-ui (FEALLM's UI sends it), or --no-web")
@@ -511,17 +519,20 @@ def check_access(host: str, secret: str | None, users_file, ui: str | None, inse
         raise StackError("a shared secret is set but the web UI has no users file: its page would let anyone "
                          "who reaches it use the model. Pass --users-file FILE (python -m "
                          "feallm_llava.integration.access add-user FILE NAME), or --no-web")
-    if not is_exposed(host) or insecure:
-        return
+    if not is_exposed(host):
+        return False
     missing = []
     if not secret:
         missing.append(f"a shared secret (${access.SECRET_ENV} or ${access.SECRET_FILE_ENV}, or --secret-file)")
     if ui == "legacy":
         missing.append("a web UI with a login (--legacy-ui has none)")
+    if missing and insecure:
+        return True
     if missing:
         raise StackError(f"refusing to serve on {host} without access control: set {' and '.join(missing)}; "
                          f"put TLS in front with a reverse proxy (README); or pass --insecure to expose it "
                          f"as it is")
+    return False
 
 
 def local_to_absolute(path: str | None) -> str | None:
@@ -600,7 +611,8 @@ def dry_run(args: argparse.Namespace, extra_worker_args: list[str]) -> str:
     if ui_of(args) == "legacy":
         lines.append(command("llava.serve.gradio_web_server", web_args(controller_url, host=host, port=g_port)))
     elif ui_of(args) == "feallm":
-        lines.append(command("feallm_llava.ui", ui_args(controller_url, host=host, port=g_port),
+        users = ["--users-file", str(Path(args.users_file).resolve())] if args.users_file else []
+        lines.append(command("feallm_llava.ui", ui_args(controller_url, host=host, port=g_port) + users,
                              args.ui_python or default_ui_python()))
     return "\n".join(shlex.join(str(a) for a in line) for line in lines)
 
@@ -609,12 +621,12 @@ def main(args: argparse.Namespace) -> int:
     extra_worker_args = [flag for flag, on in (("--load-4bit", args.load_4bit), ("--load-8bit", args.load_8bit)) if on]
     if args.dry_run:
         try:
-            check_access(args.host, access.read_secret(secret_file=args.secret_file), args.users_file,
-                         ui_of(args), args.insecure)
+            exposed = check_access(args.host, access.read_secret(secret_file=args.secret_file), args.users_file,
+                                   ui_of(args), args.insecure)
         except (StackError, access.AccessError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        if is_exposed(args.host):
+        if exposed:
             print(exposure_warning(args.host, ui_of(args)), file=sys.stderr)
         print(dry_run(args, extra_worker_args))
         return 0
