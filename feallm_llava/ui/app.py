@@ -40,9 +40,10 @@ EXPOSURE_WARNING = (
 )
 CHAT_PLACEHOLDER = "Upload a face (or a photo) and ask about it"
 ANALYZE_HELP = (
-    "Upload a photo. Faces are found with OpenCV's frontal-face cascade (as `feallm analyze` "
-    "does), each face is cropped and asked three questions (expression, action units, "
-    "reasoning), and the answers are read with FEALLM's parser. The CSV holds one row per face.")
+    "Upload a photo. Faces are found with YuNet and aligned on their eyes, nose and mouth "
+    "corners like the model's training crops (as `feallm analyze` does), each face is asked "
+    "three questions (expression, action units, reasoning), and the answers are read with "
+    "FEALLM's parser. The CSV holds one row per face.")
 
 
 # ----------------------------------------------------------------------------- work
@@ -100,19 +101,19 @@ class UI:
             yield f"{ERROR_MARK} {err}"
 
     def analyze(self, path, model):
-        """(annotated image, summary markdown, AU table, CSV path) for the upload at `path`;
-        the table as {"headers", "data"}."""
+        """(annotated image, summary markdown, AU table, CSV path, aligned face crops) for the
+        upload at `path`; the table as {"headers", "data"}, the crops as (image, caption)."""
         from feallm_llava.ui.faces import AU_TABLE_HEADERS, analyze_file
 
         empty = {"headers": list(AU_TABLE_HEADERS), "data": []}
         if not path:
-            return None, "Upload a photo first.", empty, None
+            return None, "Upload a photo first.", empty, None, []
         if not model:
-            return None, f"**No model to ask:** {self.models()[1] or 'choose one above'}.", empty, None
+            return None, f"**No model to ask:** {self.models()[1] or 'choose one above'}.", empty, None, []
         report = analyze_file(path, self.backend.for_model(model), label=Path(path).name,
                               out_dir=tempfile.mkdtemp(dir=self.out_dir))
         table = {"headers": report.au_headers, "data": report.au_table}
-        return report.image, report.message, table, str(report.csv) if report.csv else None
+        return report.image, report.message, table, str(report.csv) if report.csv else None, report.crops
 
 
 # ----------------------------------------------------------------------------- page
@@ -162,9 +163,11 @@ def build(ui: UI, *, title: str = "FEALLM"):
                     with gr.Column(scale=3):
                         annotated = gr.Image(label="Faces", type="pil", format="png", interactive=False,
                                              elem_id="annotated", height=360)
+                        crops = gr.Gallery(label="Aligned faces (what the model saw)", columns=6, height=150,
+                                           object_fit="contain", interactive=False, elem_id="face_crops")
                         aus = gr.Dataframe(headers=list(AU_TABLE_HEADERS), label="Action units per face",
                                            interactive=False, elem_id="au_table", wrap=True)
-                outputs = [annotated, report, aus, rows_csv]
+                outputs = [annotated, report, aus, rows_csv, crops]
                 photo.upload(ui.analyze, [photo, model], outputs, api_name="analyze")
                 run.click(ui.analyze, [photo, model], outputs, api_name=False)
         reload.click(refresh, model, model, api_name=False)

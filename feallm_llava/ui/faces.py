@@ -2,10 +2,11 @@
 
 The same path as `feallm analyze`: `serve.analyzer.Analyzer` loads the file safely
 (`data.images.load_rgb`: corrupt, empty, non-image and decompression-bomb files become an
-error row), finds the faces with `serve.detect`, crops each and asks the FER, AU and
-reasoning questions through the chosen backend, and reads the answers with the one
-parser (`fill_answers` -> `facs.parse`). Here those rows become what the page shows: the
-photo with boxes (`serve.annotate_png`), a summary per face, one table row per face and
+error row), finds the faces with `serve.detectors` (YuNet), aligns each on its landmarks
+(`serve.align`) and asks the FER, AU and reasoning questions through the chosen backend,
+and reads the answers with the one parser (`fill_answers` -> `facs.parse`). Here those
+rows become what the page shows: the photo with boxes (`serve.annotate_png`), the aligned
+crop of each face (what the model saw), a summary per face, one table row per face and
 AU with its FACS name, and the rows as a CSV file (`serve.rows.COLUMNS`).
 """
 
@@ -37,6 +38,7 @@ class Report:
     message: str = ""                       # markdown: errors, "no face found", the per-face summary
     au_headers: list[str] = field(default_factory=lambda: list(AU_TABLE_HEADERS))
     au_table: list[list[str]] = field(default_factory=list)   # `au_table` rows
+    crops: list[tuple[Image.Image, str]] = field(default_factory=list)   # (what the model saw, caption) per face
 
     @property
     def faces(self) -> list[dict]:
@@ -57,12 +59,29 @@ def analyze_file(path: str | os.PathLike, asker, *, label: str | None = None, ou
                                    on_image=lambda _s, img, _rows: seen.setdefault("img", img)))
     img = seen.get("img")
     report = Report(rows, image=annotate_image(img, rows) if img is not None else None)
+    if img is not None:
+        report.crops = face_crops(analyzer, img, rows)
     report.au_headers, report.au_table = au_table(rows)
     report.message = summary(rows)
     folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="feallm-ui-"))
     stem = re.sub(r"[^\w.-]+", "_", Path(source.label).stem)[:60] or "photo"
     report.csv = write_results(rows, folder / f"{stem}_faces.csv")
     return report
+
+
+def face_crops(analyzer: Analyzer, img: Image.Image, rows: list[dict]) -> list[tuple[Image.Image, str]]:
+    """Each face as the model saw it (aligned to the template, or the margin crop of a face
+    without landmarks), captioned with its id and how it was framed."""
+    how = analyzer.settings()["align"]
+    out = []
+    for r in rows:
+        crop = analyzer.crop_of_row(img, r)
+        if crop is None:
+            continue
+        aligned = isinstance(how, dict) and r.get("x_0") is not None
+        out.append((crop, f"face #{r['face_id']}: " + (f"aligned ({how['name']} template)" if aligned
+                                                       else "margin crop (no landmarks)")))
+    return out
 
 
 def au_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -91,8 +110,8 @@ def summary(rows: list[dict]) -> str:
         error = next((r["error"] for r in rows if r.get("error")), "")
         if error:
             return f"**Could not analyse this file:** {error}"
-        return ("**No face found.** The detector (OpenCV's frontal-face cascade) finds upright, "
-                "roughly frontal faces of at least 30 px; try a closer or more frontal photo.")
+        return ("**No face found.** The face detector finds roughly frontal faces (measured on faces 45 px "
+                "wide and more); try a closer or more frontal photo.")
     parts = [f"**{len(faces)} face(s) found.**"]
     for r in faces:
         head = f"### Face #{r['face_id']}\nBox x={r['face_x']} y={r['face_y']} w={r['face_w']} h={r['face_h']}"
