@@ -15,8 +15,10 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,17 +301,66 @@ def test_feallm_eval_base_url_answers_equal_model_path(served, exported, trained
     assert len(llava) == 2 * len(items) and vllm == llava
 
 
+@needs_vllm
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="tensor parallel 2 on a CPU needs 2 cores")
+def test_tensor_parallel_2_on_a_cpu_answers_as_the_llava_runner(exported, trained, vkit, items, tmp_path):
+    """`serve_vllm.sh --tensor-parallel-size 2` on this CPU machine: two vLLM workers (gloo),
+    each on its own cores, the internal queue on loopback, the KV cache from free memory."""
+    import urllib.request
+
+    from feallm_llava.serve.stack import free_port
+
+    few = items[:8]
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_HOST_IP",
+                                                             "FEALLM_VLLM_CPU_MEMORY")}
+    env.update(HF_HUB_OFFLINE="1", FEALLM_VLLM_VENV=str(VLLM_VENV), FEALLM_VLLM_KV_SHARE="0.02")
+    log = tmp_path / "tp2.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(["bash", str(REPO / "launch" / "serve_vllm.sh"), "--model", str(exported),
+                                   "--port", str(port), "--tensor-parallel-size", "2", "--", "--dtype", "float32",
+                                   "--enforce-eager", "--max-model-len", "512"],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 600
+        while True:  # until the server answers (or exits: its log says why)
+            assert server.poll() is None, log.read_text(errors="replace")[-3000:]
+            try:
+                urllib.request.urlopen(base + "/models", timeout=2).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+                time.sleep(1)
+        served = _served_token_ids(base, str(exported), few)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    text = log.read_text(errors="replace")
+    assert "VLLM_CPU_OMP_THREADS_BIND=" in text and "world_size=2" in text.replace(" ", ""), text[-3000:]
+    runner = _runner_token_ids(trained.stage_dir(2), vkit.llm, few)
+    assert served == runner
+
+
 # -- launch/serve_vllm.sh's command line (a stand-in python that prints what it is given) --------
 
-def _serve(tmp_path, *args) -> subprocess.CompletedProcess:
+def _serve(tmp_path, *args, **environ) -> subprocess.CompletedProcess:
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True, exist_ok=True)
     fake = venv / "bin" / "python"
-    # its own checks (`python -c ...`) run; the server is replaced by an echo of its flags
-    fake.write_text(f'#!/usr/bin/env bash\n[ "$1" != -c ] || exec {sys.executable} "$@"\necho "ARGS $*"\n')
+    # its own checks (`python -c ...`) run; the server is replaced by an echo of its environment and flags
+    fake.write_text(f'#!/usr/bin/env bash\n[ "$1" != -c ] || exec {sys.executable} "$@"\n'
+                    'echo "ENV key=${VLLM_API_KEY:-} host_ip=${VLLM_HOST_IP:-} bind=${VLLM_CPU_OMP_THREADS_BIND:-}"\n'
+                    'echo "ARGS $*"\n')
     fake.chmod(0o755)
-    env = {**os.environ, "FEALLM_VLLM_VENV": str(venv)}
-    env.pop("FEALLM_SERVE_HOST", None)
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "FEALLM_SERVE_HOST", "FEALLM_SERVE_SECRET", "FEALLM_SERVE_SECRET_FILE", "VLLM_API_KEY", "VLLM_HOST_IP",
+        "VLLM_CPU_OMP_THREADS_BIND", "FEALLM_VLLM_CPU_MEMORY")}
+    env.update(FEALLM_VLLM_VENV=str(venv), **environ)
     return subprocess.run(["bash", str(REPO / "launch" / "serve_vllm.sh"), *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
 
@@ -335,21 +386,66 @@ def test_serve_binds_to_localhost_with_the_plugins_tokenizer(tmp_path, export_di
     assert "WARNING" not in proc.stderr
 
 
-def test_serve_passes_parallelism_and_warns_off_localhost(tmp_path, export_dir):
-    proc = _serve(tmp_path, "--model", export_dir, "--host", "0.0.0.0", "--api-key", "s3cret",
-                  "--tensor-parallel-size", "4", "--pipeline-parallel-size", "2", "--", "--max-model-len", "4096")
+def _on_gpu() -> bool:
+    return bool(shutil.which("nvidia-smi")) and subprocess.run(["nvidia-smi"], capture_output=True,
+                                                                check=False).returncode == 0
+
+
+def test_serve_passes_parallelism_and_reads_its_key_from_the_environment_only(tmp_path, export_dir):
+    key = tmp_path / "key"
+    key.write_text("s3cret-s3cret-s3cret\n")
+    proc = _serve(tmp_path, "--model", export_dir, "--host", "0.0.0.0", "--tensor-parallel-size", "2",
+                  "--pipeline-parallel-size", "1", "--", "--max-model-len", "4096", FEALLM_SERVE_SECRET_FILE=str(key))
     assert proc.returncode == 0, proc.stderr
-    assert "WARNING: serving on 0.0.0.0" in proc.stderr
-    shown = next(line for line in proc.stdout.splitlines() if line.startswith("[serve_vllm]"))
-    assert "s3cret" not in shown  # the key is not echoed
-    args = proc.stdout.splitlines()[-1].split()
-    for flag, value in (("--tensor-parallel-size", "4"), ("--pipeline-parallel-size", "2"),
-                        ("--api-key", "s3cret"), ("--max-model-len", "4096"), ("--host", "0.0.0.0")):
+    assert "WARNING" not in proc.stderr
+    env_line, args_line = proc.stdout.splitlines()[-2:]
+    assert "s3cret" not in args_line and "s3cret" not in proc.stderr  # not on vLLM's command line, not echoed
+    assert "key=s3cret-s3cret-s3cret " in env_line + " " and "host_ip= " in env_line  # 0.0.0.0: vLLM picks
+    args = args_line.split()
+    for flag, value in (("--tensor-parallel-size", "2"), ("--pipeline-parallel-size", "1"),
+                        ("--max-model-len", "4096"), ("--host", "0.0.0.0")):
         assert args[args.index(flag) + 1] == value
+    assert "--api-key" not in args
+
+
+def test_serve_refuses_an_exposed_host_without_a_key_and_a_key_on_the_command_line(tmp_path, export_dir):
+    refused = _serve(tmp_path, "--model", export_dir, "--host", "0.0.0.0")
+    assert refused.returncode == 2 and "refusing to serve on 0.0.0.0 without an API key" in refused.stderr
+    insecure = _serve(tmp_path, "--model", export_dir, "--host", "0.0.0.0", "--insecure")
+    assert insecure.returncode == 0 and "WARNING: serving on 0.0.0.0 without an API key" in insecure.stderr
+    for args in (("--api-key", "s3cret"), ("--", "--api-key", "s3cret")):
+        proc = _serve(tmp_path, "--model", export_dir, *args)
+        assert proc.returncode == 2 and "visible to every user in ps" in proc.stderr
+
+
+def test_serve_on_a_cpu_binds_each_worker_to_its_cores_on_loopback_with_a_kv_cache_from_free_memory(
+        tmp_path, export_dir):
+    if _on_gpu():
+        pytest.skip("a GPU is here: the CPU placement does not apply")
+    proc = _serve(tmp_path, "--model", export_dir, "--tensor-parallel-size", "2")
+    assert proc.returncode == 0, proc.stderr
+    env_line, args_line = proc.stdout.splitlines()[-2:]
+    cpus = sorted(os.sched_getaffinity(0))
+    groups = env_line.split("bind=")[1].split("|")
+    assert len(groups) == 2 and sorted(int(c) for g in groups for c in g.split(",")) == cpus[:len(cpus) // 2 * 2]
+    assert "host_ip=127.0.0.1" in env_line
+    args = args_line.split()
+    kv = int(args[args.index("--kv-cache-memory-bytes") + 1])
+    free = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
+    assert 0.05 * free < kv < 0.2 * free  # a quarter of what is free, split between the two workers
+    fraction = _serve(tmp_path, "--model", export_dir, FEALLM_VLLM_CPU_MEMORY="0.42").stdout.splitlines()[-1].split()
+    assert fraction[fraction.index("--gpu-memory-utilization") + 1] == "0.42" and "--kv-cache-memory-bytes" not in fraction
+    own = _serve(tmp_path, "--model", export_dir, "--", "--kv-cache-memory-bytes", "123").stdout.splitlines()[-1]
+    assert own.count("--kv-cache-memory-bytes") == 1 and own.endswith("--kv-cache-memory-bytes 123")
+    bound = _serve(tmp_path, "--model", export_dir, "--tensor-parallel-size", "2", VLLM_CPU_OMP_THREADS_BIND="0-1|0-1")
+    assert "bind=0-1|0-1" in bound.stdout  # a binding of one's own is kept
+    if len(cpus) < 16:
+        many = _serve(tmp_path, "--model", export_dir, "--tensor-parallel-size", "16")
+        assert many.returncode == 2 and "need at least 16 cores" in many.stderr
 
 
 def test_serve_on_a_cpu_refuses_a_head_size_vllm_has_no_cpu_kernel_for(tmp_path, export_dir):
-    if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi"], capture_output=True, check=False).returncode == 0:
+    if _on_gpu():
         pytest.skip("a GPU is here: the CPU attention check does not apply")
     config = json.loads((export_dir / "config.json").read_text())
     config["text_config"]["num_attention_heads"] = 4  # head size 16, the default tiny kit's
