@@ -302,6 +302,26 @@ def test_feallm_eval_base_url_answers_equal_model_path(served, exported, trained
 
 
 @needs_vllm
+def test_served_probabilities_equal_the_llava_runners(served, exported, trained, vkit, items):
+    """Expression and AU probabilities through vLLM's prompt_logprobs and through the runner's
+    shared prefix, on the same checkpoint: within 1e-3."""
+    from feallm_llava.inference.llava_runner import LlavaBackend
+    from feallm_llava.inference.openai_client import OpenAIBackend
+    from feallm_llava.inference.scores import Scorer
+
+    runner = Scorer(LlavaBackend(str(trained.stage_dir(2)), str(vkit.llm), device="cpu"), batch_size=8)
+    vllm = Scorer(OpenAIBackend(str(exported), base_url=served, concurrency=16))
+    few = items[:8]
+    got, want = vllm.expressions(few), runner.expressions(few)
+    diffs = [abs(got[i.id][e] - want[i.id][e]) for i in few for e in want[i.id]]
+    assert max(diffs) <= 1e-3, max(diffs)
+    assert len({round(max(want[i.id].values()), 3) for i in few}) > 1  # they depend on the image
+    read = {few[0].id: [6, 12], few[1].id: []}
+    got, want = vllm.aus(few[:2], read), runner.aus(few[:2], read)
+    assert max(abs(got[k][au] - want[k][au]) for k in want for au in want[k]) <= 1e-3
+
+
+@needs_vllm
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="tensor parallel 2 on a CPU needs 2 cores")
 def test_tensor_parallel_2_on_a_cpu_answers_as_the_llava_runner(exported, trained, vkit, items, tmp_path):
     """`serve_vllm.sh --tensor-parallel-size 2` on this CPU machine: two vLLM workers (gloo),

@@ -88,6 +88,7 @@ class FeallmLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Support
         deepest = max([self.select_layer, *self.shallow_layers])
         self.grid = (vision.image_size // vision.patch_size,) * 2
 
+        self._image_token_id = int(config.image_token_index)
         self.configure_mm_token_handling(vocab_size=config.text_config.vocab_size,
                                          mm_token_ids=[config.image_token_index])
         with self._mark_tower_model(vllm_config, "image"):
@@ -142,7 +143,17 @@ class FeallmLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Support
         return self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.language_model.compute_logits(hidden_states)
+        """The LLM's logits, widened to hold the image placeholder's id when the export
+        added it past the LLM's vocabulary (LLaVA-1.5's tokenizer has no `<image>`): vLLM's
+        `prompt_logprobs` reads a log-probability for every prompt token, placeholders
+        included, and an id past the logits' width crashed the engine. The added columns
+        sit at the dtype's lowest value, so every real token's probability is unchanged
+        and greedy decoding never picks them."""
+        logits = self.language_model.compute_logits(hidden_states)
+        if logits is None or logits.shape[-1] > self._image_token_id:
+            return logits
+        extra = self._image_token_id + 1 - logits.shape[-1]
+        return torch.nn.functional.pad(logits, (0, extra), value=torch.finfo(logits.dtype).min)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
