@@ -369,7 +369,7 @@ def wait_routed(controller_url: str, model_name: str, address: str, service, tim
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    src = parser.add_mutually_exclusive_group(required=True)
+    src = parser.add_mutually_exclusive_group()
     src.add_argument("--tiny", action="store_true", help="build and serve the offline tiny FEALLM checkpoint")
     src.add_argument("--model-path", help="checkpoint to serve (starts controller + worker)")
     src.add_argument("--controller", help="URL of a running controller to load instead (starts nothing)")
@@ -401,6 +401,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restart-timeout", type=float, default=600.0,
                         help="seconds for the restarted worker to be listed again")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    parser.add_argument("--soak", type=float, default=None, metavar="MINUTES",
+                        help="instead of one burst: steady load for MINUTES with faulty and unauthenticated "
+                             "requests, the worker and the controller killed and restarted (bench.serve_soak; "
+                             "the tiny checkpoint unless --model-path; --concurrency default 4)")
 
 
 @dataclass
@@ -610,6 +614,18 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     """Entry point for `python -m feallm_llava.bench serve-load` (a Namespace) or an argv list."""
     if not isinstance(args, argparse.Namespace):
         args = build_parser().parse_args(sys.argv[1:] if args is None else args)
+    if args.soak is not None:
+        from feallm_llava.bench import serve_soak
+
+        if args.controller:
+            print("error: --soak starts its own stack (it kills and restarts it): drop --controller", file=sys.stderr)
+            return 2
+        if args.faults == ",".join(FAULTS):
+            args.faults = ",".join(serve_soak.SOAK_FAULTS)
+        return serve_soak.main(args)
+    if not (args.tiny or args.model_path or args.controller):
+        print("error: give one of --tiny, --model-path CKPT, --controller URL (or --soak MINUTES)", file=sys.stderr)
+        return 2
     report = run(args)
     problems = report.problems()
     for p in problems:
