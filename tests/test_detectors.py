@@ -88,7 +88,7 @@ def test_without_the_wheel_yunet_falls_back_to_haar_and_says_so_once(monkeypatch
         make_detector("yunet")
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1
-    assert "yuface" in warnings[0] and "Haar" in warnings[0] and "darkest skin tones" in warnings[0]
+    assert "yuface" in warnings[0] and "Haar" in warnings[0] and "darkest of five skin tones" in warnings[0]
     assert "--detector-model" in warnings[0]
     assert det.name == "haar" and len(det.detect(astronaut)) == 1
     assert det.describe()["fallback_for"] == "yunet" and "yuface" in det.describe()["fallback_reason"]
@@ -119,3 +119,20 @@ def test_scene_truth_lies_on_the_drawn_faces():
         (ex1, ey1), (ex2, ey2), nose, m1, m2 = f.landmarks
         assert x < ex1 < ex2 < x + w and y < ey1 < nose[1] < m1[1] < y + h
     assert make_scene(3, tone_start=2).faces == scene.faces     # deterministic
+
+
+@needs_yuface
+def test_bench_detect_prints_recall_per_tone_and_a_verdict_for_the_default_detector(tmp_path, capsys):
+    import json
+
+    from feallm_llava.bench.__main__ import main
+
+    assert main(["detect", "--pictures", "3", "--repeats", "1", "--detectors", "yunet,haar",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["detectors"]) == {"yunet", "haar"} and sum(report["faces_per_tone"]) == report["faces"]
+    yn = report["detectors"]["yunet"]
+    assert len(yn["recall_per_tone"]) == 5 and yn["landmark_error_px"] is not None
+    assert report["detectors"]["haar"]["landmark_error_px"] is None
+    assert "default detector yunet: worst tone" in out and "x Haar's time per picture" in out
