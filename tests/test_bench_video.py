@@ -74,3 +74,14 @@ def test_a_demo_without_a_trained_checkpoint_is_a_usage_error(tmp_path):
     add_arguments(parser)
     with pytest.raises(UsageError, match="no stage-2 checkpoint"):
         main(parser.parse_args(["--demo", str(tmp_path), "--out", str(tmp_path / "out")]))
+
+
+def test_a_face_box_inside_the_drawn_picture_counts_once_and_a_stray_one_not_at_all():
+    from feallm_llava.bench.video import on_picture
+
+    inner = (22, 30, 64, 76)                      # a detector's face box inside the 96 px picture: IoU ~0.53
+    assert on_picture(inner, BOXES[0]) and not on_picture(inner, BOXES[1])
+    assert not on_picture((10, 20, 20, 20), BOXES[0])   # a small box on the picture: not the face
+    twice = [row(0, 1, BOXES[0], "Happiness", [6, 12]), row(0, 5, inner, "Happiness", [6, 12])]
+    scores = score_video_rows(twice, [video()])
+    assert scores["found"] == pytest.approx(1 / 2) and scores["face_frames_scored"] == 2   # frame 0: 1 of 2 faces
