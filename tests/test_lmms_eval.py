@@ -344,7 +344,7 @@ def test_lmms_eval_multiple_choice_accuracy_equals_feallm_scores_likelihood_accu
     (row,) = json.loads((tmp_path / "score" / "scores.json").read_text())["rows"]
     assert acc == row["fer_prob"]["accuracy"]
     samples = read_jsonl(next((tmp_path / "results").rglob("*_samples_feallm_feabench_fer_mc.jsonl")))
-    losses = {s["doc_id"]: [r[0][0] if isinstance(r[0], list) else r[0] for r in s["resps"]] for s in samples}
+    losses = {s["doc_id"]: [float(r[0]) for r in s["filtered_resps"]] for s in samples}  # (loss, is_greedy)
     for doc_id, r in enumerate(fer):  # the same numbers: loss = -log-probability, softmax over the 7
         lp = [-x for x in losses[doc_id]]
         top = max(lp)

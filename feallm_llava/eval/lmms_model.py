@@ -60,6 +60,18 @@ def _stop_strings(gen_kwargs: dict) -> tuple[str, ...]:
     return tuple(s for s in ([until] if isinstance(until, str) else until) if s)
 
 
+def _passed_through(result: tuple[float, bool]):
+    """A loglikelihood result as lmms-eval's evaluator must receive it. Its
+    `unwrap_generation_output` (0.7.3) turns any output that is not text into `str(output)`,
+    so a bare (loss, is_greedy) reached multiple_choice scoring as the string
+    "(6.35, False)" and failed to unpack; a GenerationResult passes its payload on as is."""
+    try:
+        from lmms_eval.api.instance import GenerationResult
+    except ImportError:  # an lmms-eval without the wrapper passes tuples through
+        return result
+    return GenerationResult(text=result)  # type: ignore[arg-type]
+
+
 def cut_at(text: str, stops: tuple[str, ...]) -> str:
     """The answer up to the first of the task's `until` strings."""
     ends = [text.index(s) for s in stops if s in text]
@@ -143,7 +155,7 @@ class FeallmLlava(lmms):
                         results[index] = (-logprob, greedy)
                         self.cache_hook.add_partial("loglikelihood", requests[index].args[:2], results[index])
                         bar.update(1)
-        return results
+        return [_passed_through(r) for r in results]
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("feallm: only generate_until tasks (multi-round is not implemented)")
