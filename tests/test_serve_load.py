@@ -83,8 +83,7 @@ def test_each_faulty_kind_is_refused_with_its_cause(report):
     TRAFFIC" (images) or error_code 0 (the over-long prompt)."""
     expected = {"corrupt_image": "ImageError: request image (base64), 4096 bytes: not an image file",
                 "oversized_image": "image is 12000x12000 = 144.0 Mpx, over the limit",
-                "overlong_prompt": "Exceeds max token length: the prompt and its image tokens leave no room "
-                                   "to answer in the model's context of 1024 tokens"}
+                "overlong_prompt": "1 image(s) x 17 tokens, the model's context 1024: no room to answer"}
     for kind, text in expected.items():
         outcomes = _by_kind(report, kind)
         assert outcomes, f"no {kind} request sent"

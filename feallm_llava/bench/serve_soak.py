@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import secrets
@@ -365,11 +366,14 @@ class Soak:
         return self.report
 
     def _client(self, client: Client, kinds: list[str], offset: int) -> None:
-        i = offset
-        while not self.stop.is_set():
-            request = client.send(i, kinds[i % len(kinds)])
+        # each client walks the whole mix (a stride of `concurrency` through `kinds` would give
+        # one client every faulty request), from its own place in it
+        n = self.report.concurrency
+        for j in itertools.count():
+            if self.stop.is_set():
+                return
+            request = client.send(j * n + offset, kinds[(j + offset * len(kinds) // n) % len(kinds)])
             self.report.requests.append(request)
-            i += self.report.concurrency
             if request.cause.startswith("connection refused") or request.cause == "no worker":
                 self.stop.wait(RETRY_S)  # as a client does: a server is down, try again shortly
 
