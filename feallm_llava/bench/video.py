@@ -281,6 +281,8 @@ def main(args: argparse.Namespace) -> int:
             gap = max(i["fe_accuracy"] - v["fe_accuracy"], i["mean_au_f1"] - v["mean_au_f1"])
             print(f"largest shortfall against the images: {100 * gap:.2f} points "
                   f"({'within' if gap <= 0.10 else 'NOT within'} 10)")
+        print(f"held-out subjects found in {100 * v['found']:.1f} % of their sampled frames with {args.detector} "
+              f"(target >= 95 %: {'met' if v['found'] >= 0.95 else 'NOT met'})")
     if args.mode in ("throughput", "both"):
         report["throughput"] = throughput(args, out, backend, seed, held_out_subjects(demo))
         for r in report["throughput"]:
