@@ -20,9 +20,11 @@ Each request ends as `ok` (error_code 0 and generated text), `error` (error_code
 `failed` (no answer within `--timeout`, connection refused or reset, a broken stream).
 Prints the counts, latency p50/p90/p99 per outcome and the worker's peak RSS (VmRSS
 sampled every 50 ms during the burst, and the kernel's VmHWM), then SIGKILLs the worker,
-asks the controller to drop it (`/refresh_all_workers`: upstream keeps a dead worker
-listed for up to 2 x 30 s, routing requests to it), starts it again on a new port and
-waits until the controller routes to the new one and a request is answered.
+measures how long the controller still hands it out (bounded by UNROUTE_WAIT; upstream
+alone kept a dead worker listed for up to 2 x 30 s, FEALLM's integration drops it within
+a second), asks the controller to drop it if it has not (`/refresh_all_workers`), starts
+it again on a new port and waits until the controller routes to the new one and a
+request is answered.
 
 With `--controller`, the worker is not this program's: its RSS and the restart need
 `--worker-pid` (the restart reuses that process's command line and working directory).
@@ -63,6 +65,7 @@ QUESTION = "Please describe the expression in this face."
 OVERSIZED_SIDE = 12000
 DEFAULT_CONTEXT = 4096  # LLaVA-1.5's; used when the checkpoint's config cannot be read
 CONNECT_TIMEOUT = 10.0
+UNROUTE_WAIT = 10.0  # seconds the restart waits for the controller to drop the dead worker by itself
 
 
 # ------------------------------------------------------------------------- inputs
@@ -318,7 +321,7 @@ class Restart:
     killed_pid: int
     old_address: str
     new_address: str = ""
-    stale_route_before_refresh: bool = False  # the controller still named the dead worker
+    unrouted_after_s: float | None = None  # SIGKILL -> the controller stops naming it (None: not within UNROUTE_WAIT)
     listed_after_s: float | None = None  # SIGKILL -> the controller lists the model at the new worker
     answered_after_s: float | None = None  # SIGKILL -> a request answered by the new worker
     request: Outcome | None = None
@@ -528,11 +531,17 @@ def restart(controller_url: str, model_name: str, payloads: Payloads, pid: int, 
     t0 = time.monotonic()
     kill_worker(pid)
     wait_gone(pid, service.process if service else None)
-    with contextlib.suppress(Exception):
-        result.stale_route_before_refresh = worker_address(controller_url, model_name) == old_address
-    # upstream keeps a silent worker for up to 2 x CONTROLLER_HEART_BEAT_EXPIRATION; this
-    # endpoint asks every listed worker for its status and drops those that do not answer
-    _post(controller_url + "/refresh_all_workers", timeout=30)
+    deadline = time.monotonic() + UNROUTE_WAIT
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if worker_address(controller_url, model_name) != old_address:
+                result.unrouted_after_s = round(time.monotonic() - t0, 2)
+                break
+        time.sleep(0.05)
+    if result.unrouted_after_s is None:
+        # a controller without the integration keeps a silent worker for up to 2 x
+        # CONTROLLER_HEART_BEAT_EXPIRATION; this endpoint drops those that do not answer
+        _post(controller_url + "/refresh_all_workers", timeout=30)
     try:
         if service is not None:
             model_path, model_base, log_dir = worker_cmd
@@ -598,8 +607,9 @@ def format_restart(r: Restart) -> str:
     if r.error:
         return f"restart: FAILED: {r.error}"
     req = r.request
-    return (f"restart: SIGKILL {r.killed_pid} ({r.old_address}); controller still routed there before "
-            f"refresh: {r.stale_route_before_refresh}; new worker {r.new_address} listed after "
+    unrouted = f"after {r.unrouted_after_s} s" if r.unrouted_after_s is not None else f"not within {UNROUTE_WAIT:g} s"
+    return (f"restart: SIGKILL {r.killed_pid} ({r.old_address}); the controller stopped routing there "
+            f"{unrouted}; new worker {r.new_address} listed after "
             f"{r.listed_after_s} s; request {req.status if req else '-'} after {r.answered_after_s} s")
 
 
