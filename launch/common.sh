@@ -4,8 +4,19 @@
 #
 # Expects from the sourcing script: `set -euo pipefail`, root (repository root), tag
 # (message prefix), OUTPUT_DIR, GLOBAL_BATCH, ZERO, and the launcher environment its
-# header documents (NUM_GPUS, HOSTFILE, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
-# PER_DEVICE_BATCH, DEEPSPEED, DRY_RUN).
+# header documents (DEVICE, LAUNCHER, NUM_GPUS, NNODES, NODE_RANK, HOSTFILE, WORLD_SIZE,
+# MASTER_ADDR, MASTER_PORT, PER_DEVICE_BATCH, DS_CONFIG, DEEPSPEED, TORCHRUN, DRY_RUN).
+#
+# Where the ranks run:
+#   DEVICE=cuda (default)  GPUs; NUM_GPUS processes per node, one per GPU
+#   DEVICE=cpu             CPU ranks, e.g. to try the recipe on a laptop or in CI: NUM_GPUS
+#                          processes (default 2) on this machine, gloo between them,
+#                          `--use_cpu True --tf32 False`, OMP_NUM_THREADS = cores / ranks;
+#                          nothing else changes (same DeepSpeed configs, same flags)
+#   LAUNCHER=deepspeed (default) or torchrun (one `torchrun` per node: NNODES nodes,
+#                          this one NODE_RANK, rendezvous at MASTER_ADDR:MASTER_PORT)
+#   ZERO=2 | 3 | 3_offload (launch/zero$ZERO.json) | 0 (plain DDP, no DeepSpeed);
+#   DS_CONFIG=file.json    another DeepSpeed config
 # Leaves: the defaults below, die, note, train_cmd (builds `cmd`), launch (prints `cmd`,
 # then execs it unless DRY_RUN), launcher (deepspeed's own flags), WORLD_SIZE,
 # PER_DEVICE_BATCH, ACCUM, ds_config, deepspeed_cmd, and problems (to which the script
@@ -44,8 +55,33 @@ visible_gpus() {  # GPUs this process may use: CUDA_VISIBLE_DEVICES, else nvidia
     echo 0
   fi
 }
+DEVICE="${DEVICE:-cuda}"
+LAUNCHER="${LAUNCHER:-deepspeed}"
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+case "$DEVICE" in cuda|cpu) ;; *) die "DEVICE must be cuda or cpu, got '$DEVICE'" ;; esac
+case "$LAUNCHER" in deepspeed|torchrun) ;; *) die "LAUNCHER must be deepspeed or torchrun, got '$LAUNCHER'" ;; esac
+[[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || die "NNODES must be a positive integer, got '$NNODES'"
+[[ "$NODE_RANK" =~ ^[0-9]+$ ]] && (( NODE_RANK < NNODES )) || die "NODE_RANK must be in 0..NNODES-1, got '$NODE_RANK'"
+[ "$NNODES" = 1 ] || [ "$LAUNCHER" = torchrun ] \
+  || die "NNODES=$NNODES is torchrun's (LAUNCHER=torchrun); DeepSpeed's launcher takes a HOSTFILE"
+[ -z "${HOSTFILE:-}" ] || [ "$LAUNCHER" = deepspeed ] \
+  || die "HOSTFILE is DeepSpeed's launcher's; with LAUNCHER=torchrun run one command per node (NNODES, NODE_RANK)"
 launcher=()
-if [ -n "${HOSTFILE:-}" ]; then
+if [ "$DEVICE" = cpu ]; then
+  NUM_GPUS="${NUM_GPUS:-2}"   # on CPU: the number of rank processes on this machine
+  [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]] || die "NUM_GPUS (CPU ranks) must be a positive integer, got '$NUM_GPUS'"
+  cores="$(nproc 2>/dev/null || echo 1)"
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / NUM_GPUS > 0 ? cores / NUM_GPUS : 1 ))}"
+  WORLD_SIZE=$(( NNODES * NUM_GPUS ))
+  [ "$LAUNCHER" = torchrun ] || launcher+=(--num_gpus "$NUM_GPUS")
+elif [ "$LAUNCHER" = torchrun ]; then
+  if [ -z "${NUM_GPUS:-}" ]; then
+    NUM_GPUS="$(visible_gpus)"
+    (( NUM_GPUS >= 1 )) || { NUM_GPUS=2; note "no GPU found; assuming the paper's 2 (set NUM_GPUS)"; }
+  fi
+  WORLD_SIZE=$(( NNODES * NUM_GPUS ))
+elif [ -n "${HOSTFILE:-}" ]; then
   if [ -z "${WORLD_SIZE:-}" ]; then
     [ -f "$HOSTFILE" ] || die "HOSTFILE=$HOSTFILE does not exist (set WORLD_SIZE to skip reading it)"
     WORLD_SIZE="$(awk '!/^[[:space:]]*(#|$)/ { for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) {
@@ -72,8 +108,13 @@ else
   fi
   WORLD_SIZE="$NUM_GPUS"
 fi
-[ -z "${MASTER_ADDR:-}" ] || launcher+=(--master_addr "$MASTER_ADDR")
-[ -z "${MASTER_PORT:-}" ] || launcher+=(--master_port "$MASTER_PORT")
+if [ "$LAUNCHER" = torchrun ]; then
+  launcher=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NUM_GPUS"
+            --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
+else
+  [ -z "${MASTER_ADDR:-}" ] || launcher+=(--master_addr "$MASTER_ADDR")
+  [ -z "${MASTER_PORT:-}" ] || launcher+=(--master_port "$MASTER_PORT")
+fi
 [[ "$WORLD_SIZE" =~ ^[1-9][0-9]*$ ]] || die "world size must be a positive integer, got '$WORLD_SIZE'"
 
 # -- batch arithmetic: GLOBAL_BATCH = WORLD_SIZE x PER_DEVICE_BATCH x ACCUM ------------
@@ -92,19 +133,46 @@ fi
 ACCUM=$(( per_gpu / PER_DEVICE_BATCH ))
 
 # -- DeepSpeed config and launcher ------------------------------------------------
-case "$ZERO" in 2|3) ;; *) die "ZERO must be 2 or 3, got '$ZERO'" ;; esac
-ds_config="$root/launch/zero$ZERO.json"
-[ -f "$ds_config" ] || die "missing DeepSpeed config $ds_config"
-DEEPSPEED="${DEEPSPEED:-}"
-if [ -z "$DEEPSPEED" ]; then
-  if [ -x "$(dirname "$PY")/deepspeed" ]; then DEEPSPEED="$(dirname "$PY")/deepspeed"
-  else DEEPSPEED="$(command -v deepspeed || echo deepspeed)"; fi
+case "$ZERO" in 0|2|3|3_offload) ;; *) die "ZERO must be 0 (DDP), 2, 3 or 3_offload, got '$ZERO'" ;; esac
+ds_args=()
+if [ -n "${DS_CONFIG:-}" ]; then
+  ds_config="$DS_CONFIG"
+elif [ "$ZERO" = 0 ]; then
+  ds_config=""
+  # plain DDP: LLaVA's model is wrapped by PEFT (not a PreTrainedModel), so the Trainer asks
+  # DDP to look for unused parameters, which breaks on gradient checkpointing's re-entrant
+  # backward ("Expected to mark a variable ready only once"); every parameter is used
+  ds_args=(--ddp_find_unused_parameters False)
+else
+  ds_config="$root/launch/zero$ZERO.json"
 fi
-read -ra deepspeed_cmd <<<"$DEEPSPEED"
+if [ -n "$ds_config" ]; then
+  [ -f "$ds_config" ] || die "missing DeepSpeed config $ds_config"
+  ds_args=(--deepspeed "$ds_config")
+fi
+# the launcher: `deepspeed ... --module M` or `torchrun ... -m M`, the one next to PY by default
+find_launcher() {  # $1 name -> its path next to PY, else on PATH
+  if [ -x "$(dirname "$PY")/$1" ]; then echo "$(dirname "$PY")/$1"; else command -v "$1" || echo "$1"; fi
+}
 problems=()
+if [ "$LAUNCHER" = torchrun ]; then
+  TORCHRUN="${TORCHRUN:-$(find_launcher torchrun)}"
+  read -ra deepspeed_cmd <<<"$TORCHRUN"
+  module_flag=-m
+  command -v "${deepspeed_cmd[0]}" >/dev/null 2>&1 \
+    || problems+=("torchrun '$TORCHRUN' not found: it comes with torch (or set TORCHRUN)")
+else
+  DEEPSPEED="${DEEPSPEED:-$(find_launcher deepspeed)}"
+  read -ra deepspeed_cmd <<<"$DEEPSPEED"
+  module_flag=--module
+  command -v "${deepspeed_cmd[0]}" >/dev/null 2>&1 \
+    || problems+=("deepspeed launcher '$DEEPSPEED' not found: pip install deepspeed (or set DEEPSPEED)")
+fi
 [ -z "${HOSTFILE:-}" ] || [ -f "$HOSTFILE" ] || problems+=("HOSTFILE=$HOSTFILE does not exist")
-command -v "${deepspeed_cmd[0]}" >/dev/null 2>&1 \
-  || problems+=("deepspeed launcher '$DEEPSPEED' not found: pip install deepspeed (or set DEEPSPEED)")
+# what CPU ranks need (transformers' --use_cpu: one rank per process, not per GPU; tf32 is
+# an Ampere GPU setting; gloo carries their collectives)
+device_args=(--tf32 True)
+[ "$DEVICE" = cuda ] || device_args=(--use_cpu True --tf32 False --ddp_backend gloo)
 case "$(basename "$OUTPUT_DIR")" in
   *[Ll][Ll][Aa][Vv][Aa]*) ;;
   *) note "warning: OUTPUT_DIR name '$(basename "$OUTPUT_DIR")' lacks 'llava': load_pretrained_model will not load it as LLaVA" ;;
@@ -125,8 +193,8 @@ train_cmd() {
   read -ra feallm_extra <<<"${FEALLM_ARGS:-}"
   read -ra extra <<<"${EXTRA_ARGS:-}"
   cmd=(
-    "${deepspeed_cmd[@]}" "${launcher[@]}" --module llava.train.train_mem
-    --deepspeed "$ds_config"
+    "${deepspeed_cmd[@]}" ${launcher[@]+"${launcher[@]}"} "$module_flag" llava.train.train_mem
+    ${ds_args[@]+"${ds_args[@]}"}
     "$@"
     --model_name_or_path "$MODEL"
     --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER"
@@ -135,7 +203,7 @@ train_cmd() {
     --mm_feallm_lca_channels "$LCA_CHANNELS" --mm_feallm_crop_size "$CROP_SIZE"
     ${feallm_extra[@]+"${feallm_extra[@]}"}
     --mm_use_im_start_end False --mm_use_im_patch_token False --image_aspect_ratio pad
-    --bf16 True --tf32 True
+    --bf16 True "${device_args[@]}"
     --output_dir "$OUTPUT_DIR" --num_train_epochs "$EPOCHS"
     --per_device_train_batch_size "$PER_DEVICE_BATCH" --per_device_eval_batch_size 4
     --gradient_accumulation_steps "$ACCUM"
@@ -149,7 +217,10 @@ train_cmd() {
 
 # Print the command; run it unless DRY_RUN. $1 = what the run saves.
 launch() {
-  note "global batch $GLOBAL_BATCH = $WORLD_SIZE GPUs x $PER_DEVICE_BATCH per device x $ACCUM accumulation steps; ZeRO-$ZERO"
+  local ranks="GPUs"
+  [ "$DEVICE" = cuda ] || ranks="CPU ranks"
+  note "global batch $GLOBAL_BATCH = $WORLD_SIZE $ranks x $PER_DEVICE_BATCH per device x $ACCUM accumulation steps; $(
+    if [ -n "${DS_CONFIG:-}" ]; then echo "DeepSpeed $DS_CONFIG"; elif [ "$ZERO" = 0 ]; then echo "DDP, no DeepSpeed"; else echo "ZeRO-$ZERO"; fi)"
   note "$1"
   local p
   for p in ${problems[@]+"${problems[@]}"}; do

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU smoke test of the training path, a few minutes on one GPU: the
 # two FEALLM stages on the offline tiny kit through the same launch the 7B recipe uses
-# (`deepspeed --num_gpus 1 --module llava.train.train_mem`, launch/zero2.json, bf16,
-# gradient checkpointing, flash-attn when installed else sdpa), then upstream's loader on
+# (`deepspeed --num_gpus 1 --module llava.train.train_mem`, stage 1 under launch/zero2.json
+# and stage 2 under launch/zero3.json as the recipe, bf16, gradient checkpointing,
+# flash-attn when installed else sdpa), then upstream's loader on
 # the LoRA checkpoint with device='cuda' and a generation, then QLoRA stage 2 (the 24 GB
 # route: `--bits 4`, one plain python process on one GPU, no DeepSpeed) and its checkpoint
 # loaded in 4-bit with a generation, upstream's eval script llava.eval.model_vqa_loader on
@@ -13,11 +14,12 @@
 #   feallm (sampled prompts) batch 8 / batch 1 = Nx (target >= 4x: met; CPU time Nx)
 #
 #   bash launch/gpu_smoke.sh                  # writes runs/gpu_smoke/
-#   OUT=/tmp/smoke ZERO=3 bash launch/gpu_smoke.sh
+#   OUT=/tmp/smoke ZERO=3 ZERO2=2 bash launch/gpu_smoke.sh   # the other ZeRO stage for each
 #   DEVICE=cpu bash launch/gpu_smoke.sh       # check the script itself without a GPU:
 #                                             # plain python, fp32, no DeepSpeed (slow)
 #
-# Environment: OUT (runs/gpu_smoke), PY (.venv python), STEPS (4 per stage), ZERO (2),
+# Environment: OUT (runs/gpu_smoke), PY (.venv python), STEPS (4 per stage), ZERO (stage 1: 2),
+# ZERO2 (stage 2: 3),
 # DEVICE (cuda), BUDGET_S (300: the time step fails above it), DEEPSPEED (launcher).
 # Each run retrains from scratch (the stage folders are replaced; the kit is reused).
 set -euo pipefail
@@ -27,6 +29,7 @@ PY="${PY:-$root/.venv/bin/python}"
 OUT="${OUT:-$root/runs/gpu_smoke}"
 STEPS="${STEPS:-4}"
 ZERO="${ZERO:-2}"
+ZERO2="${ZERO2:-3}"
 DEVICE="${DEVICE:-cuda}"
 BUDGET_S="${BUDGET_S:-300}"
 KIT="$OUT/kit"
@@ -94,21 +97,25 @@ if [ -z "$DEEPSPEED" ]; then
 fi
 port="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 device_args=()
+stage1_ds=()   # the DeepSpeed config of each stage, when DeepSpeed runs
+stage2_ds=()
 if [ "$DEVICE" = cpu ]; then
   launch=("$PY" -m llava.train.train_mem)
   device_args=(--use_cpu True)
   result SKIP deepspeed "DEVICE=cpu: plain python, fp32"
 elif [ -n "$DEEPSPEED" ]; then
   launch=("$DEEPSPEED" --num_gpus 1 --master_port "$port" --module llava.train.train_mem)
-  device_args=(--deepspeed "$root/launch/zero$ZERO.json")
-  result PASS deepspeed "launcher $DEEPSPEED, ZeRO-$ZERO"
+  stage1_ds=(--deepspeed "$root/launch/zero$ZERO.json")
+  stage2_ds=(--deepspeed "$root/launch/zero$ZERO2.json")
+  result PASS deepspeed "launcher $DEEPSPEED, stage 1 ZeRO-$ZERO, stage 2 ZeRO-$ZERO2"
 else
   # No launcher: one plain process; DeepSpeed (when importable) still runs in-process.
   launch=(env RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT="$port"
           "$PY" -m llava.train.train_mem)
   if "$PY" -c 'import deepspeed' >/dev/null 2>&1; then
-    device_args=(--deepspeed "$root/launch/zero$ZERO.json")
-    result SKIP deepspeed "no deepspeed launcher on PATH: plain python with ZeRO-$ZERO in-process"
+    stage1_ds=(--deepspeed "$root/launch/zero$ZERO.json")
+    stage2_ds=(--deepspeed "$root/launch/zero$ZERO2.json")
+    result SKIP deepspeed "no deepspeed launcher on PATH: plain python, stage 1 ZeRO-$ZERO, stage 2 ZeRO-$ZERO2 in-process"
   else
     result SKIP deepspeed "deepspeed not installed: plain python without DeepSpeed"
   fi
@@ -181,7 +188,7 @@ if [ -f "$KIT/kit.json" ]; then
   rm -rf "$STAGE1" "$STAGE2"
   if step stage1 "${launch[@]}" --model_name_or_path "$KIT/llm" --version plain \
        --data_path "$DATA/pretrain.json" --tune_mm_mlp_adapter True --learning_rate 1e-3 \
-       --output_dir "$STAGE1" "${common[@]}"; then
+       --output_dir "$STAGE1" "${common[@]}" ${stage1_ds[@]+"${stage1_ds[@]}"}; then
     step stage1-out check_stage1 || true
   fi
   if [ -f "$STAGE1/mm_projector.bin" ]; then
@@ -189,7 +196,7 @@ if [ -f "$KIT/kit.json" ]; then
          --data_path "$DATA/finetune.json" --pretrain_mm_mlp_adapter "$STAGE1/mm_projector.bin" \
          --lora_enable True --lora_r 16 --lora_alpha 32 --mm_projector_lr 2e-5 \
          --learning_rate 2e-4 --group_by_modality_length True \
-         --output_dir "$STAGE2" "${common[@]}"; then
+         --output_dir "$STAGE2" "${common[@]}" ${stage2_ds[@]+"${stage2_ds[@]}"}; then
       step stage2-out check_lora "$STAGE2" || true
     fi
     rm -rf "$STAGE2Q"

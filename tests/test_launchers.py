@@ -21,6 +21,7 @@ LAUNCH = ROOT / "launch"
 TRAIN_MODULE = "llava.train.train_mem"
 # Launcher settings of the caller's shell that would change what the scripts print.
 LAUNCHER_ENV = ("CUDA_VISIBLE_DEVICES", "HOSTFILE", "NUM_GPUS", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "DEVICE", "LAUNCHER", "NNODES", "NODE_RANK", "DS_CONFIG", "TORCHRUN", "OMP_NUM_THREADS",
                 "GLOBAL_BATCH", "PER_DEVICE_BATCH", "ZERO", "EXTRA_ARGS", "FEALLM_ARGS", "MODEL", "LR",
                 "PROJ_LR", "LORA_R", "LORA_ALPHA", "EPOCHS", "DATA_PATH", "IMAGE_FOLDER", "OUTPUT_DIR",
                 "DEEPSPEED", "GPU_LIST", "BENCHES", "MODEL_PATH", "MODEL_BASE", "OPENAI_MODEL", "OUT")
@@ -139,8 +140,67 @@ def test_zero_env_selects_the_deepspeed_config():
     assert flag(args, "--deepspeed") == str(LAUNCH / "zero2.json")
     _, args = train_command("pretrain.sh", NUM_GPUS="2", ZERO="3")
     assert flag(args, "--deepspeed") == str(LAUNCH / "zero3.json")
+    _, args = train_command("finetune_lora.sh", NUM_GPUS="2", ZERO="3_offload")
+    assert flag(args, "--deepspeed") == str(LAUNCH / "zero3_offload.json")
+    _, args = train_command("finetune_lora.sh", NUM_GPUS="2", ZERO="0")
+    assert "--deepspeed" not in args  # plain DDP
     proc = run_script("pretrain.sh", NUM_GPUS="2", ZERO="1")
-    assert proc.returncode == 2 and "ZERO must be 2 or 3" in proc.stderr
+    assert proc.returncode == 2 and "ZERO must be 0 (DDP), 2, 3 or 3_offload" in proc.stderr
+
+
+def test_zero3_offload_config_is_zero3_with_cpu_offload():
+    offload = json.loads((LAUNCH / "zero3_offload.json").read_text())
+    zero3 = json.loads((LAUNCH / "zero3.json").read_text())
+    assert offload["zero_optimization"].pop("offload_optimizer") == {"device": "cpu", "pin_memory": True}
+    assert offload["zero_optimization"].pop("offload_param") == {"device": "cpu", "pin_memory": True}
+    # the Trainer's AdamW (with the projector's own learning rate) steps on the offloaded
+    # float32 shards; DeepSpeed would otherwise insist on its own CPU Adam, built from one group
+    assert offload.pop("zero_force_ds_cpu_optimizer") is False
+    assert offload == zero3
+
+
+def test_cpu_ranks_add_what_the_cpu_needs_and_change_nothing_else():
+    gpu_launcher, gpu_args = train_command("finetune_lora.sh", NUM_GPUS="2")
+    cpu_launcher, cpu_args = train_command("finetune_lora.sh", NUM_GPUS="2", DEVICE="cpu")
+    assert cpu_launcher == gpu_launcher  # deepspeed --num_gpus 2: on a CPU, 2 processes
+    assert (flag(cpu_args, "--use_cpu"), flag(cpu_args, "--tf32"), flag(cpu_args, "--ddp_backend")) == (
+        "True", "False", "gloo")
+    assert flag(gpu_args, "--tf32") == "True" and "--use_cpu" not in gpu_args
+    def without(args, flags):  # the arguments less these flags and their values
+        out, skip = [], False
+        for a in args:
+            if not skip and a not in flags:
+                out.append(a)
+            skip = a in flags
+        return out
+    device_flags = {"--use_cpu", "--tf32", "--ddp_backend"}
+    assert without(cpu_args, device_flags) == without(gpu_args, device_flags)
+    _, args = train_command("finetune_lora.sh", DEVICE="cpu")
+    assert flag(args, "--per_device_train_batch_size") == "8"  # 2 CPU ranks unless NUM_GPUS says otherwise
+    proc = run_script("finetune_lora.sh", DEVICE="tpu")
+    assert proc.returncode == 2 and "DEVICE must be cuda or cpu" in proc.stderr
+
+
+def test_torchrun_runs_one_command_per_node():
+    launcher, args = train_command("finetune_lora.sh", LAUNCHER="torchrun", NNODES="2", NODE_RANK="1",
+                                   NUM_GPUS="8", MASTER_ADDR="node1", MASTER_PORT="29601")
+    assert Path(launcher[0]).name == "torchrun" and launcher[-2:] == ["-m", TRAIN_MODULE]
+    assert launcher[1:-2] == ["--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "8",
+                              "--master_addr", "node1", "--master_port", "29601"]
+    # global batch 16 over 16 GPUs
+    assert (flag(args, "--per_device_train_batch_size"), flag(args, "--gradient_accumulation_steps")) == ("1", "1")
+    assert flag(args, "--deepspeed") == str(LAUNCH / "zero3.json")
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"NNODES": "2"}, "NNODES=2 is torchrun's"),
+    ({"LAUNCHER": "torchrun", "HOSTFILE": "hosts"}, "HOSTFILE is DeepSpeed's launcher's"),
+    ({"LAUNCHER": "torchrun", "NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK must be in 0..NNODES-1"),
+    ({"LAUNCHER": "mpirun"}, "LAUNCHER must be deepspeed or torchrun"),
+])
+def test_inconsistent_node_settings_are_refused_naming_them(env, says):
+    proc = run_script("finetune_lora.sh", **env)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
 
 
 def test_hostfile_launch_takes_the_world_size_from_its_slots(tmp_path):
@@ -424,3 +484,13 @@ def test_eval_runs_every_benchmark_with_data_and_scores_them(tmp_path):
     assert (tmp_path / "out" / "scores" / "table.md").is_file()
     raf_lines = (tmp_path / "out" / "rafdb" / "predictions.jsonl").read_text().splitlines()
     assert len(raf_lines) == 2 and all(json.loads(x)["model"] == "fake-vlm" for x in raf_lines)
+
+
+def test_tiny_ranks_runs_both_launchers_on_two_cpu_ranks(tmp_path):
+    proc = run_script("tiny_ranks.sh", OUT=str(tmp_path / "tiny-ranks"))
+    stage1, stage2 = printed_commands(proc)
+    for cmd, zero in ((stage1, "zero2.json"), (stage2, "zero3.json")):
+        launcher, args = cmd[:cmd.index(TRAIN_MODULE) + 1], cmd[cmd.index(TRAIN_MODULE) + 1:]
+        assert launcher[1:3] == ["--num_gpus", "2"] and flag(args, "--deepspeed") == str(LAUNCH / zero)
+        assert flag(args, "--use_cpu") == "True" and flag(args, "--model_name_or_path").endswith("kit/llm")
+    assert flag(stage2[stage2.index(TRAIN_MODULE):], "--lora_enable") == "True"

@@ -28,7 +28,7 @@ between the two training stages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -200,9 +200,11 @@ class ConvStem(nn.Sequential):
         return torch.cat([super(ConvStem, self).forward(block) for block in crops.split(per_block)])
 
 
-@dataclass
-class LocalClues:
-    """LCA outputs."""
+class LocalClues(NamedTuple):
+    """LCA outputs. A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 looks into a module's
+    tuple outputs to hook their tensors for backward (it re-gathers the module's
+    partitioned parameters there); a dataclass it passes over, and the LCA's backward
+    would then run on empty parameter shards."""
 
     token: Tensor  # F_local (B, 1, llm_hidden): the extra LLM token
     keys: Tensor | None  # F'_local (B, R, vision_hidden) for the MPP, None when unused

@@ -83,10 +83,15 @@ class MultiPerspectiveProjector(nn.Module):
         return hasattr(self, "local_attn")
 
     def forward(self, deep: Tensor, shallow: Sequence[Tensor], grid: tuple[int, int],
-                local_keys: Tensor | None = None) -> Tensor:
+                local_keys: Tensor | None = None, *, project: bool = True) -> Tensor:
         """deep (B, N, C); shallow: L x (B, N, C) on the same (H, W) grid, N = H*W;
-        local_keys F'_local (B, R, C) when the MPP uses local clues -> (B, N, llm_hidden)."""
-        return self.mlp(self.enrich(deep, shallow, grid, local_keys))  # (B, N, llm_hidden)
+        local_keys F'_local (B, R, C) when the MPP uses local clues -> (B, N, llm_hidden),
+        or with `project=False` the enriched tokens before the MLP, (B, N, C).
+
+        Callers go through `forward` (not `enrich`): DeepSpeed ZeRO-3 gathers a module's
+        own parameters (the residual scales) only while its forward runs."""
+        x = self.enrich(deep, shallow, grid, local_keys)  # (B, N, C)
+        return self.mlp(x) if project else x  # (B, N, llm_hidden)
 
     def enrich(
         self,

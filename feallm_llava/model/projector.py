@@ -86,7 +86,8 @@ class FeallmProjector(nn.Module):
         deep = features.deep.to(dtype)  # (B, N, C)
         shallow = [s.to(dtype) for s in features.shallow] if self.cfg.mpp else []
         local = self.lca(features.pixels) if self.lca is not None else None
-        x = self.mpp.enrich(deep, shallow, tuple(features.grid), local.keys if local is not None else None)
+        x = self.mpp(deep, shallow, tuple(features.grid), local.keys if local is not None else None,
+                     project=False)  # (B, N, C)
         if local is None:
             return self.mlp(x)  # (B, N, D)
         return self._mlp_and_token(x, local.token)  # (B, N + 1, D)

@@ -7,6 +7,7 @@ import functools
 import importlib.util
 import inspect
 import logging
+import os
 import sys
 from types import ModuleType
 from typing import Self
@@ -414,3 +415,102 @@ class _QLoRARun:
 
 
 _QUANTIZATION_KEYS = ("quantization_config", "_pre_quantization_dtype")
+
+
+def _deepspeed_installed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@shim(_TRAIN, replaces="TrainingArguments.__post_init__", versions="deepspeed, on CPU ranks (--use_cpu)",
+      needed=_deepspeed_installed)
+def deepspeed_cpu_start(original):
+    """Without it: `--deepspeed` with `--use_cpu True` on several CPU ranks: ZeRO-3 fails at start,
+    train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size (8 != 4 * 1 * 1).
+
+    Start DeepSpeed's communication before anything asks it for the world size.
+
+    On GPUs transformers hands the process group to accelerate's DeepSpeed branch, which
+    starts `deepspeed.comm`; with `--use_cpu` it takes the CPU branch (a plain gloo group)
+    and DeepSpeed's own layer stays down. ZeRO-2 starts it later, inside
+    `deepspeed.initialize`; ZeRO-3 asks first, in the `zero.Init` around
+    `from_pretrained`, and an uninitialised `deepspeed.comm` answers world size 1. Here
+    `deepspeed.init_distributed()` runs as the arguments are parsed (DeepSpeed picks its
+    CPU accelerator's backend, gloo), before transformers sets its devices; accelerate
+    then finds the group started. One process (WORLD_SIZE unset or 1) is left alone.
+    """
+    def __post_init__(self):
+        if self.deepspeed and self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=self.ddp_backend)
+        original(self)
+    return __post_init__
+
+
+@shim(_TRAINER, replaces="LLaVATrainer.create_optimizer", versions="deepspeed, with --mm_projector_lr",
+      needed=_deepspeed_installed)
+def empty_param_groups(original):
+    """Without it: `--mm_projector_lr` under DeepSpeed (ZeRO-2 and 3), LoRA runs: zip() argument 2 is
+    longer than argument 1 (the learning-rate scheduler's first step).
+
+    Leave out the optimizer's parameter groups that hold no parameter.
+
+    With `--mm_projector_lr` upstream builds four groups (decay / no decay, inside and
+    outside the projector); in a LoRA run nothing outside the projector is trainable
+    without weight decay, so one group is empty. DeepSpeed's ZeRO optimizers drop empty
+    groups after the Trainer built its scheduler on all four, and the scheduler then
+    walks four learning rates over three groups. Plain torch keeps the empty group
+    (harmless), so dropping it changes no update anywhere.
+    """
+    def create_optimizer(self):
+        optimizer = original(self)
+        groups = optimizer.param_groups
+        kept = [g for g in groups if g["params"]]
+        if len(kept) != len(groups):
+            log.info("optimizer: %d empty parameter group(s) left out", len(groups) - len(kept))
+            groups[:] = kept
+        return optimizer
+    return create_optimizer
+
+
+@shim(_TRAINER, replaces="LLaVATrainer.train", versions="deepspeed >= 0.18 with ZeRO-3 and --bf16 / --fp16",
+      needed=_deepspeed_installed)
+def zero3_half_precision(original):
+    """Without it: ZeRO-3 with --bf16 (or --fp16): expected m1 and m2 to have the same dtype, but got:
+    float != c10::BFloat16 (the projector and LoRA weights stay float32).
+
+    Cast what upstream builds after `from_pretrained` to the run's half precision.
+
+    Under ZeRO-3 the LLM is created inside `zero.Init` in the run's dtype and
+    partitioned; the projector, the CLIP tower's leftovers and the LoRA adapters come
+    later, as plain float32 parameters. DeepSpeed casts a model's parameters to bf16 /
+    fp16 only when none of them is partitioned yet, so these stay float32 next to a
+    bf16 LLM. All of them (not the projector alone: ZeRO-3 flattens each group into one
+    dtype) are cast here before the engine is built; the ZeRO optimizer keeps float32
+    master copies, as for every other parameter.
+    """
+    def train(self, *args, **kwargs):
+        dtype = _zero3_half_dtype(self)
+        if dtype is not None:
+            cast = 0
+            for p in self.model.parameters():
+                if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+                    cast += 1
+            if cast:
+                log.info("ZeRO-3: %d parameters built after from_pretrained cast to %s", cast, dtype)
+        return original(self, *args, **kwargs)
+    return train
+
+
+def _zero3_half_dtype(trainer):
+    """bf16 / fp16 when the trainer runs ZeRO-3 in half precision on a ZeRO-Init model, else None."""
+    import torch
+
+    if not getattr(trainer, "is_deepspeed_enabled", False) or not (trainer.args.bf16 or trainer.args.fp16):
+        return None
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled() or not any(hasattr(p, "ds_id") for p in trainer.model.parameters()):
+        return None
+    return torch.bfloat16 if trainer.args.bf16 else torch.float16

@@ -16,7 +16,9 @@ make way for FEALLM's, the old MLP being the warm start.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from types import ModuleType
 
 from feallm_llava.integration.conv_template import CONFIG_KEY, trained_template
@@ -55,9 +57,29 @@ def _projector_builder(original):
             return original(config, *args, **kwargs)
         from feallm_llava.model.projector import FeallmProjector
 
-        return FeallmProjector(FeallmConfig.from_llava_config(config), vision_hidden=config.mm_hidden_size,
-                               llm_hidden=config.hidden_size)
+        with _outside_zero_init():
+            return FeallmProjector(FeallmConfig.from_llava_config(config), vision_hidden=config.mm_hidden_size,
+                                   llm_hidden=config.hidden_size)
     return build_vision_projector
+
+
+@contextlib.contextmanager
+def _outside_zero_init():
+    """Build modules whole, also inside DeepSpeed's `zero.Init` (ZeRO-3's `from_pretrained` of
+    a FEALLM checkpoint). zero.Init partitions each submodule as soon as it is built, and the
+    projector's own initialisation then writes into empty shards (the deformable offsets'
+    fan: "The size of tensor a (0) must match ..."; other values silently lost). Built whole,
+    the checkpoint's weights load into it on rank 0, and DeepSpeed partitions it when the
+    engine starts, broadcasting rank 0's values first."""
+    zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    if zero is None or zero.top_level_context is None:
+        yield
+        return
+    zero.shutdown_init_context()
+    try:
+        yield
+    finally:
+        zero.restore_init_context()
 
 
 def _initialize(original):
@@ -65,12 +87,14 @@ def _initialize(original):
         # every checkpoint says how it must be prompted (the template its data were formatted with)
         setattr(self.config, CONFIG_KEY, trained_template(getattr(model_args, "version", "v0")))
         if not is_feallm(model_args):
-            return original(self, model_args, fsdp=fsdp)
+            with gathered(getattr(self, "mm_projector", None)):
+                return original(self, model_args, fsdp=fsdp)
         # Upstream writes only its own mm_* fields; ours must reach config.json too.
         for key, value in FeallmConfig.from_llava_config(model_args).to_llava_attrs().items():
             setattr(self.config, key, value)
         warm_mlp = _drop_upstream_modules(self)
-        result = original(self, model_args, fsdp=fsdp)
+        with gathered(getattr(self, "mm_projector", None)):  # a stage-1 mm_projector.bin loads into it
+            result = original(self, model_args, fsdp=fsdp)
         if warm_mlp is not None and getattr(model_args, "pretrain_mm_mlp_adapter", None) is None:
             self.mm_projector.load_state_dict(warm_mlp)  # LLaVA-1.5's MLP as the warm start
             log.info("FEALLM projector: MLP warm-started from the checkpoint's mlp2x_gelu projector")
@@ -89,15 +113,30 @@ def _drop_upstream_modules(model):
     warm = None
     old = getattr(model, "mm_projector", None)
     if old is not None and not isinstance(old, FeallmProjector):
-        state = old.state_dict()
+        with gathered(old):
+            state = {k: v.detach().clone() for k, v in old.state_dict().items()}
         if set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}:
-            warm = {k: v.detach().clone() for k, v in state.items()}
+            warm = state
         model.mm_projector = None
     tower = getattr(model, "vision_tower", None)
     tower = tower[0] if isinstance(tower, list) else tower
     if tower is not None and not isinstance(tower, FeallmVisionTower):
         model.vision_tower = None
     return warm
+
+
+def gathered(module):
+    """A context in which `module`'s parameters are whole, when DeepSpeed ZeRO-3 partitioned
+    them (it does so to every module built inside `from_pretrained`: the tower and projector
+    of a LLaVA or FEALLM checkpoint given as the model); changes made on rank 0 are kept.
+    Upstream reads and loads such a projector as if it were whole (empty tensors, or a
+    size mismatch, when it is not)."""
+    params = [] if module is None else [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def hook_builders(module: ModuleType) -> None:
