@@ -21,11 +21,15 @@ so importing this package costs nothing. One module per concern:
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from types import ModuleType
 
 from feallm_llava import autoload
 from feallm_llava.integration.compat import loading, scripts, serving, training
 from feallm_llava.integration.compat.shim import Shim
+
+log = logging.getLogger(__name__)
 
 # Every shim, in the order they are armed; each module's shims are defined there, with
 # what breaks without them and where they are needed.
@@ -42,6 +46,9 @@ SHIMS: tuple[Shim, ...] = (
     training.warmup_ratio,
     training.deepspeed_optional,
     training.qlora_training,
+    training.deepspeed_cpu_start,
+    training.empty_param_groups,
+    training.zero3_half_precision,
     loading.quantized_loading,
     serving.worker_generate_errors,
     serving.worker_image_errors,
@@ -54,9 +61,22 @@ SHIMS: tuple[Shim, ...] = (
 )
 
 
+SKIP_ENV = "FEALLM_COMPAT_SKIP"  # comma-separated shim names left off (to see upstream's own failure)
+
+
 def install() -> None:
-    """Arm every needed shim on its module (now if imported, else at import). Idempotent."""
+    """Arm every needed shim on its module (now if imported, else at import). Idempotent.
+
+    Shims named in `FEALLM_COMPAT_SKIP` stay off in this process (and its children)."""
+    skip = {name.strip() for name in os.environ.get(SKIP_ENV, "").split(",") if name.strip()}
+    unknown = skip - {shim.name for shim in SHIMS}
+    if unknown:
+        log.warning("%s names no compat shim: %s (python -m feallm_llava.integration.compat lists them)",
+                    SKIP_ENV, ", ".join(sorted(unknown)))
     for shim in SHIMS:
+        if shim.name in skip:
+            log.warning("compat shim %s left off (%s)", shim.name, SKIP_ENV)
+            continue
         hook = autoload.before_import if shim.before else autoload.after_import
         hook(shim.module, functools.partial(_apply_if_needed, shim))
 
