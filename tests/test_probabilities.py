@@ -128,3 +128,21 @@ def test_probabilities_that_do_not_sum_to_one_are_refused_naming_the_line(tmp_pa
     preds = write_jsonl(tmp_path / "run" / "predictions.jsonl", [bad])
     assert run_score(preds, "--out", tmp_path / "out") == 2
     assert "predictions.jsonl:1" in capsys.readouterr().err
+
+
+def test_the_validation_split_shares_no_image_with_training_or_held_out_subjects(tmp_path):
+    from feallm_llava.cli import main
+    from feallm_llava.data.synthetic import write_affwild2
+    from feallm_llava.eval.validation_split import write_validation_split
+
+    root = write_affwild2(tmp_path / "aw", 8, 10, seed=0, size=32, progress=False).root
+    assert main(["build-dataset", "--root", str(root), "--out", str(tmp_path / "fea"), "--annotator", "template",
+                 "--train-size", "30", "--eval-size", "10", "--no-progress"]) == 0
+    n = write_validation_split(root, tmp_path / "fea", tmp_path / "val.json", size=20)
+    val = json.loads((tmp_path / "val.json").read_text())
+    train = json.loads((tmp_path / "fea" / "train.json").read_text())
+    held = json.loads((tmp_path / "fea" / "eval.json").read_text())
+    assert n == len(val) > 0
+    assert not {v["image"] for v in val} & ({s["image"] for s in train} | {t["image"] for t in held})
+    assert not {v["subject"] for v in val} & {t["subject"] for t in held}
+    assert {v["image"].split("/")[0] for v in val} <= {s["image"].split("/")[0] for s in train}

@@ -20,15 +20,16 @@ def write_validation_split(affwild2_root: Path, fea_dir: Path, out: Path, size: 
     eval.json, seeded; returns how many were written to `out`."""
     from feallm_llava.data.affwild2 import read_affwild2
 
-    image_root = Path(affwild2_root).resolve() / "cropped_aligned"
+    root = Path(affwild2_root).resolve()
+    image_root = root / "cropped_aligned"
     train = json.loads((Path(fea_dir) / "train.json").read_text(encoding="utf-8"))
     held = json.loads((Path(fea_dir) / "eval.json").read_text(encoding="utf-8"))
     used = {s["image"] for s in train} | {t["image"] for t in held}
     train_subjects = {s["image"].split("/", 1)[0] for s in train}
     held_subjects = {t["subject"] for t in held}
     pool = []
-    for rec in read_affwild2(Path(affwild2_root)):
-        rel = Path(rec.image).relative_to(image_root).as_posix()
+    for rec in read_affwild2(root):
+        rel = Path(rec.image).resolve().relative_to(image_root).as_posix()
         if (rec.expression is None or rec.aus is None or any(au not in rec.aus for au in AUS)
                 or rel in used or rec.subject in held_subjects or rel.split("/", 1)[0] not in train_subjects):
             continue
