@@ -72,7 +72,7 @@ def launch_env(kit, data: Path, out: Path, **env) -> dict:
         "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),  # DeepSpeed's compiled shm op
         "MODEL": str(kit.llm), "VISION_TOWER": str(kit.clip), "IMAGE_FOLDER": str(data / "images"),
         "DATA_PATH": str(data / "pretrain.json"), "OUTPUT_DIR": str(out), "GLOBAL_BATCH": "4",
-        "MAX_LEN": "512", "WORKERS": "0", "CROP_SIZE": "32", "SAVE_STEPS": "2", "LORA_R": "16", "LORA_ALPHA": "32",
+        "MAX_LEN": "512", "WORKERS": "0", "CROP_SIZE": "32", "SAVE_STEPS": "100", "LORA_R": "16", "LORA_ALPHA": "32",
         "FEALLM_ARGS": "--mm_feallm_mpp_dim 0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
         "EXTRA_ARGS": f"--max_steps {STEPS} --seed 0 --data_seed 0 --bf16 False",
         **env,
@@ -214,7 +214,7 @@ def test_zero3_stage2_loads_with_upstreams_loader_and_answers(stage2_zero3, kit)
 
 def test_killed_zero3_run_resumes_to_the_weights_of_an_unkilled_one(kit, data, stage1_one, stage2_zero3, tmp_path):
     out = tmp_path / "llava-s2-resumed-lora"
-    env = zero3_env(kit, data, stage1_one, out)
+    env = {**zero3_env(kit, data, stage1_one, out), "SAVE_STEPS": "2"}
     proc = subprocess.Popen(["bash", str(LAUNCH / "finetune_lora.sh")], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marker = out / "checkpoint-2" / "feallm_checkpoint_complete"
