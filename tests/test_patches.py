@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -437,3 +438,31 @@ def test_patch_is_what_mends_its_failure(number, simulated):
             unmended["message"]), unmended
     else:
         raise AssertionError(f"no check for {name}")
+
+
+def test_patched_copy_trains_lora_on_two_cpu_ranks_under_zero3_in_bf16(kit, patched, tmp_path):
+    # 0013-0015 (and the rest): upstream's stage 2 (LoRA, --mm_projector_lr, bf16, ZeRO-3) on
+    # 2 CPU ranks with no runtime shim, upstream's own mlp2x_gelu projector
+    from feallm_llava.tinykit import write_sample_data
+
+    write_sample_data(tmp_path / "data")
+    env = {**os.environ, "FEALLM_LLAVA_AUTOLOAD": "0", "PYTHONPATH": str(patched), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "--module", "llava.train.train_mem",
+           "--deepspeed", str(ROOT / "launch" / "zero3.json"), "--version", "v1",
+           "--lora_enable", "True", "--lora_r", "16", "--lora_alpha", "32", "--mm_projector_lr", "2e-5",
+           "--model_name_or_path", str(kit.llm), "--vision_tower", str(kit.clip),
+           "--data_path", str(tmp_path / "data" / "finetune.json"), "--image_folder", str(tmp_path / "data" / "images"),
+           "--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2", "--image_aspect_ratio", "pad",
+           "--bf16", "True", "--use_cpu", "True", "--tf32", "False", "--ddp_backend", "gloo",
+           "--output_dir", str(tmp_path / "llava-patched-lora"), "--per_device_train_batch_size", "2",
+           "--max_steps", "2", "--save_strategy", "no", "--model_max_length", "512", "--report_to", "none",
+           "--dataloader_num_workers", "0", "--lazy_preprocess", "True"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert (tmp_path / "llava-patched-lora" / "non_lora_trainables.bin").is_file()
