@@ -181,6 +181,16 @@ def mend_controller(module: ModuleType, secret: str | None) -> None:
             return original(self, worker_name, queue_length)
         return receive_heart_beat
 
+    def mend_address(original):
+        def get_worker_address(self, model_name: str):
+            for _ in range(PROXY_TRIES):
+                try:
+                    return original(self, model_name)
+                except KeyError:  # the probe removed the chosen worker between two of upstream's lines
+                    continue
+            return ""
+        return get_worker_address
+
     def mend_stream(_original):
         def worker_api_generate_stream(self, params):
             yield from _proxy(self, module, params, headers)
@@ -190,6 +200,7 @@ def mend_controller(module: ModuleType, secret: str | None) -> None:
     wrap(Controller, "register_worker", "serving_features", mend_register)
     wrap(Controller, "remove_worker", "serving_features", mend_remove)
     wrap(Controller, "receive_heart_beat", "serving_features", mend_beat)
+    wrap(Controller, "get_worker_address", "serving_features", mend_address)
     wrap(Controller, "worker_api_generate_stream", "serving_features", mend_stream)
     controller = getattr(module, "controller", None)
     if controller is not None and not getattr(controller, "_feallm_probe", None):

@@ -432,6 +432,11 @@ def service_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from the UI process
+    # glibc's malloc in a long-running threaded server (a generate thread per request): few
+    # arenas and a fixed mmap threshold keep its RSS flat instead of stepping up for minutes
+    # (the soak: +7 % from minute 3 to 10 with glibc's defaults, plateauing)
+    env.setdefault("MALLOC_ARENA_MAX", "2")
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 << 20))
     return env
 
 
