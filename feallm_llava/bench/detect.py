@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iou", type=float, default=0.5, help="box overlap a hit needs")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per picture (the best counts)")
     parser.add_argument("--out", default=None, help="report.json here (default: print only)")
+    parser.add_argument("--measure-synthetic-template", action="store_true",
+                        help="instead: print where YuNet finds the 5 points on the demo's 112-px training pictures "
+                             "(serve.align's synthetic template)")
 
 
 def chosen(args) -> list[str]:
@@ -139,6 +142,37 @@ def run(args) -> dict:
     return report
 
 
+def synthetic_template(pictures: int = 300, size: int = 112) -> list[tuple[float, float]]:
+    """The median of YuNet's 5 points over `pictures` training-like pictures of the demo
+    (random identity, expression and per-frame nuisance), made mirror-symmetric about the
+    vertical centre line and rounded to half pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from feallm_llava.data.synthetic import Identity, render_face, sample_expression
+    from feallm_llava.serve.detectors import make_detector
+
+    det = make_detector("yunet")
+    points = []
+    for k in range(pictures):
+        rng = np.random.default_rng([k, 99])
+        identity = Identity.sample(rng)
+        _expression, aus = sample_expression(rng)
+        canvas = Image.new("RGB", (2 * size, 2 * size), (120, 130, 140))   # room around: boxes stay whole
+        canvas.paste(render_face(aus, identity, rng, size=size), (size // 2, size // 2))
+        found = det.detect(canvas)
+        if found:
+            points.append(np.asarray(found[0].landmarks) - size // 2)
+    m = np.median(np.asarray(points), axis=0)                              # (5, 2)
+    half = lambda v: round(float(v) * 2) / 2
+    out = [None] * 5
+    for a, b in ((0, 1), (3, 4)):
+        dx, y = (m[b, 0] - m[a, 0]) / 2, (m[a, 1] + m[b, 1]) / 2
+        out[a], out[b] = (half(size / 2 - dx), half(y)), (half(size / 2 + dx), half(y))
+    out[2] = (half(size / 2), half(m[2, 1]))
+    return out
+
+
 def verdict(report: dict, name: str) -> tuple[bool, str]:
     d = report["detectors"][name]
     worst, best = min(d["recall_per_tone"]), max(d["recall_per_tone"])
@@ -157,6 +191,9 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from feallm_llava.serve.detectors import DEFAULT_DETECTOR
 
+    if args.measure_synthetic_template:
+        print(f"synthetic template (112 px, YuNet's points on 300 training pictures): {synthetic_template()}")
+        return 0
     report = run(args)
     tones = report["tones"]
     print(f"{report['faces']} faces in {report['pictures']} pictures (per tone {report['faces_per_tone']}), "

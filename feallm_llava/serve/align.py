@@ -19,9 +19,13 @@ other one; pixels of a `size` x `size` crop):
   (its size and face placement; the ABAW organisers do not publish their template).
 - `rafdb` (100 px): the same layout scaled to RAF-DB's 100 x 100 aligned images (RAF-DB
   aligns on the same five points; its exact template is not published either).
-- `synthetic` (112 px): where `data.synthetic` draws those points on an average face of
-  the offline demo's training pictures (its geometry constants at the mean face scale and
-  aspect; the nose point is the nostrils' height): for the demo's checkpoints.
+- `synthetic` (112 px): for the demo's checkpoints, where YuNet finds the five points on
+  the demo's training pictures (`data.synthetic`, 112 px): the median over 300 pictures
+  drawn like the training frames (random identities, expressions and per-frame nuisance),
+  made mirror-symmetric. Measured with the detector rather than read off the renderer's
+  geometry because a template is where the detector's points fall on the training crops:
+  YuNet puts the cartoon eyes about 5 px higher and 2 px further apart than the drawn eye
+  centres, and crops aligned to the drawn positions read expressions worse (docs/results.md).
 
 `none` keeps the square margin crop around the detector's box (`serve.detect.crop_face`),
 which is also what a face without landmarks (the Haar cascade's) gets.
@@ -53,21 +57,9 @@ class Template:
 _ARCFACE_LIKE_112 = ((38.5, 51.5), (73.5, 51.5), (56.0, 71.5), (41.5, 92.0), (70.5, 92.0))
 
 
-def _synthetic_points(size: int = 112) -> tuple[tuple[float, float], ...]:
-    """The renderer's eye, nostril and mouth-corner positions (face units) on its mean face,
-    mapped to a size x size picture the way `data.synthetic._Frame` maps them."""
-    from feallm_llava.data import synthetic as syn
-
-    cfg = syn.SyntheticConfig()
-    scale = sum(cfg.face_scale) / 2 * size                   # pixels per face unit
-    sy = sum(cfg.aspect) / 2 / syn._ASPECT0                    # vertical stretch of the mean face
-    cx, cy = 0.5 * size, syn._CENTRE_Y * size
-
-    def pt(x: float, y: float) -> tuple[float, float]:
-        return (round(cx + scale * x, 1), round(cy + scale * y * sy, 1))
-
-    return (pt(-syn._EYE_X, syn._EYE_Y), pt(syn._EYE_X, syn._EYE_Y), pt(0.0, syn._NOSE_Y),
-            pt(-syn._MOUTH_W, syn._MOUTH_Y), pt(syn._MOUTH_W, syn._MOUTH_Y))
+# YuNet's points on the demo's 112-px training pictures (`python -m feallm_llava.bench detect
+# --measure-synthetic-template` prints them again)
+_SYNTHETIC_112 = ((37.5, 41.0), (74.5, 41.0), (56.0, 60.0), (40.5, 76.5), (71.5, 76.5))
 
 
 def template(name: str) -> Template:
@@ -80,8 +72,8 @@ def template(name: str) -> Template:
                                          for x, y in _ARCFACE_LIKE_112),
                         "the affwild2 layout scaled to RAF-DB's 100x100 aligned images")
     if name == "synthetic":
-        return Template(name, 112, _synthetic_points(112),
-                        "data.synthetic's eye, nostril and mouth-corner positions on its mean face")
+        return Template(name, 112, _SYNTHETIC_112,
+                        "YuNet's points on the demo's training pictures (data.synthetic), median of 300, symmetric")
     raise ValueError(f"--align must be one of {', '.join(ALIGNMENTS)}, got {name!r}")
 
 
