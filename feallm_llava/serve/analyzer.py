@@ -201,7 +201,7 @@ class Analyzer:
         if unknown:
             raise ValueError(f"unknown question kind(s) {sorted(unknown)}; use {', '.join(TASKS)}")
         self.detect_kwargs = detect_kwargs or {}
-        # detector: a name (`serve.detectors.DETECTORS`) or a detector object; built only when used
+        # detector: a name (`serve.detectors.DETECTORS`, built here) or a detector object; none without detection
         self.detector = None
         if detect:
             self.detector = (make_detector(detector or DEFAULT_DETECTOR, model=detector_model,
