@@ -175,7 +175,8 @@ class SoakReport:
                 f"{sum(counts.get('answered', {}).values())}, refused with cause "
                 f"{sum(counts.get('refused', {}).values())}, killed in flight {sum(counts.get('killed', {}).values())}, "
                 f"failed without cause {sum(counts.get('failed', {}).values())}; unauthenticated 401 {refused}/{sent}; "
-                f"dead worker last routed {last} s after death ({late} later than {ROUTE_LIMIT_S:g} s); worker RSS "
+                f"dead worker routed {'never' if last is None else f'last {last} s'} after its death ({late} later "
+                f"than {ROUTE_LIMIT_S:g} s); worker RSS "
                 f"{pct(g['rss'])}, fds {pct(g['fds'])} minute {STEADY_FROM_MIN + 1} -> last (target <= "
                 f"{GROWTH_LIMIT:.0%}): {'met' if not problems else 'not met'}")
 
