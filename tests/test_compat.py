@@ -54,6 +54,7 @@ COVERED_ELSEWHERE = {
     # acts only under `python -m llava.eval.<script>` on a machine without CUDA
     "eval_scripts_on_cpu": ("tests/test_eval_scripts.py", "test_model_vqa_loader_answers_as_our_runner_does"),
     "worker_conv_template": ("tests/test_conv_template.py", "test_model_worker_answers_in_the_trained_template"),
+    "worker_context_check": ("tests/test_serve_faults.py", "test_context_check_counts_feallms_17_image_tokens"),
     # acts only in `python -m llava.serve.cli` / `llava.eval.*` (argparse of that process)
     "scripts_conv_template": ("tests/test_conv_template.py", "test_upstream_cli_prompts_in_the_trained_template"),
     # need DeepSpeed ranks: run off (FEALLM_COMPAT_SKIP) and on through the launchers
@@ -80,6 +81,7 @@ TARGETS = {
     "worker_error_replies": ("llava.model.builder", "load_pretrained_model"),
     "eval_scripts_on_cpu": ("llava.model.builder", "load_pretrained_model"),
     "worker_conv_template": ("llava.model.builder", "load_pretrained_model"),
+    "worker_context_check": ("llava.model.builder", "load_pretrained_model"),
     "scripts_conv_template": ("argparse", "ArgumentParser.parse_args"),
     "serve_examples": ("gradio", "Examples"),
     "datasets_namespace": ("transformers.trainer", "is_datasets_available"),
