@@ -168,14 +168,18 @@ class LlavaBackend:
 
         return "" if conv_templates[self.conv_mode].sep_style == SeparatorStyle.PLAIN else " "
 
-    def continuation_ids(self, item: Query, text: str) -> torch.Tensor:
+    def continuation_ids(self, item: Query, text: str, complete: bool = False) -> torch.Tensor:
         """The tokens of answer `text` right after `item`'s prompt, as the model was trained
         on them: the prompt and answer are tokenized together and the prompt's ids must be
-        a prefix (a tokenizer that merged across the boundary would score other tokens)."""
+        a prefix (a tokenizer that merged across the boundary would score other tokens).
+        `complete`: the whole answer, with the template's end of turn (`</s>` in v1): a
+        whole answer's probability must include its stop, or an answer that is a prefix
+        of another would always score at least as high."""
         from llava.constants import IMAGE_TOKEN_INDEX
         from llava.mm_utils import tokenizer_image_token
 
         prompt = self.prompt_ids(item)
+        text = text + (self._stop_text() or "") if complete else text
         full = tokenizer_image_token(self.prompt(item.question) + self._answer_join() + text, self.tokenizer,
                                      IMAGE_TOKEN_INDEX, return_tensors="pt")
         if len(full) <= len(prompt) or not torch.equal(full[:len(prompt)], prompt):
@@ -184,14 +188,14 @@ class LlavaBackend:
         return full[len(prompt):]
 
     def continuation_logprobs(self, items: list[Query], continuations: Sequence[Sequence[str]],
-                              max_rows: int = 64) -> list[list[float]]:
+                              max_rows: int = 64, complete: bool = False) -> list[list[float]]:
         """Summed log-probability of each answer text in `continuations[i]` right after
         item i's prompt, for one batch of items (`continuation_scores`)."""
-        return [[lp for lp, _ in row] for row in self.continuation_scores(items, continuations, max_rows)]
+        return [[lp for lp, _ in row] for row in self.continuation_scores(items, continuations, max_rows, complete)]
 
     @torch.inference_mode()
     def continuation_scores(self, items: list[Query], continuations: Sequence[Sequence[str]],
-                            max_rows: int = 64) -> list[list[tuple[float, bool]]]:
+                            max_rows: int = 64, complete: bool = False) -> list[list[tuple[float, bool]]]:
         """(summed log-probability, whether greedy decoding gives it) of each answer text
         in `continuations[i]` right after item i's prompt, for one batch of items.
 
@@ -229,7 +233,7 @@ class LlavaBackend:
         layers = prefix.past_key_values.to_legacy_cache()           # per layer (K, V): (B, heads, L', d)
         lengths = mask.sum(-1)                                      # (B,) real prefix tokens
 
-        rows = [(i, self.continuation_ids(item, text).to(device))
+        rows = [(i, self.continuation_ids(item, text, complete).to(device))
                 for i, (item, texts) in enumerate(zip(items, continuations)) for text in texts]
         scores: list[tuple[float, bool]] = []
         for start in range(0, len(rows), max_rows):
@@ -260,14 +264,16 @@ class LlavaBackend:
         return out_lists
 
     def score(self, items: Iterable[Query], continuations: Sequence[str] | Callable[[Query], Sequence[str]],
-              batch_size: int = 8) -> Iterator[tuple[Query, list[float]]]:
+              batch_size: int = 8, complete: bool = False) -> Iterator[tuple[Query, list[float]]]:
         """(item, summed log-probabilities of its continuations) pairs, batched as `answer`
-        batches; `continuations` is one list for every item, or a function of the item."""
+        batches; `continuations` is one list for every item, or a function of the item;
+        `complete`: whole answers, scored with their end of turn."""
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
         pick = continuations if callable(continuations) else (lambda _item: continuations)
         for batch in self._plan(list(items), batch_size):
-            yield from zip(batch, self.continuation_logprobs(batch, [list(pick(item)) for item in batch]))
+            yield from zip(batch, self.continuation_logprobs(batch, [list(pick(item)) for item in batch],
+                                                             complete=complete))
 
     def _decode(self, row: torch.Tensor) -> str:
         tokens = row.tolist()

@@ -118,11 +118,13 @@ class OpenAIBackend:
         return (response.choices[0].message.content or "").strip()
 
     # -- scoring ---------------------------------------------------------------------
-    def _prompt_logprobs(self, item: Query, messages: list[dict], continued: bool) -> list:
-        """The prompt's log-probabilities, one entry per prompt token (vLLM's extension)."""
+    def _prompt_logprobs(self, item: Query, messages: list[dict], continued: bool, complete: bool = False) -> list:
+        """The prompt's log-probabilities, one entry per prompt token (vLLM's extension).
+        `continued`: the last (assistant) message is left open, or closed with its end of
+        turn when `complete`."""
         extra: dict = {"prompt_logprobs": 0}
         if continued:
-            extra.update(continue_final_message=True, add_generation_prompt=False)
+            extra.update(continue_final_message=not complete, add_generation_prompt=False)
         response = self._create(item, messages=messages, max_tokens=1, extra_body=extra)
         logprobs = getattr(response, "prompt_logprobs", None)
         if logprobs is None and getattr(response, "model_extra", None):
@@ -134,20 +136,22 @@ class OpenAIBackend:
                 "(vLLM's `prompt_logprobs` with `continue_final_message`: launch/serve_vllm.sh)")
         return logprobs
 
-    def continuation_logprobs(self, item: Query, texts: Sequence[str]) -> list[float]:
+    def continuation_logprobs(self, item: Query, texts: Sequence[str], complete: bool = False) -> list[float]:
         """Summed log-probability of each answer text right after the item's prompt.
 
         The chat protocol has no scoring call; vLLM's extension does it: the answer is
         sent as an assistant message that the model continues (`continue_final_message`)
         with `prompt_logprobs`, and the answer's tokens are the last ones of that prompt,
         as many as it grew past the open prompt (asked the same way). A server that
-        returns no prompt log-probabilities is refused, never read as zeros.
+        returns no prompt log-probabilities is refused, never read as zeros. `complete`:
+        whole answers, closed by the chat template's end of turn (scored with it).
         """
         messages = self._messages(item)
         start = len(self._prompt_logprobs(item, messages, continued=False))
         out = []
         for text in texts:
-            logprobs = self._prompt_logprobs(item, messages + [{"role": "assistant", "content": text}], continued=True)
+            logprobs = self._prompt_logprobs(item, messages + [{"role": "assistant", "content": text}], continued=True,
+                                             complete=complete)
             if len(logprobs) <= start:
                 raise BackendError(f"item {item.id!r}: {self.model} at {self.where}: the answer {text!r} gave "
                                    f"{len(logprobs)} prompt tokens after an open prompt of {start}; cannot find "
@@ -163,12 +167,12 @@ class OpenAIBackend:
         return out
 
     def score(self, items: Iterable[Query], continuations: Sequence[str] | Callable[[Query], Sequence[str]],
-              batch_size: int = 8) -> Iterator[tuple[Query, list[float]]]:
+              batch_size: int = 8, complete: bool = False) -> Iterator[tuple[Query, list[float]]]:
         """(item, summed log-probabilities of its continuations) pairs as they complete,
         `concurrency` items at a time (`batch_size` is the runner's; unused here)."""
         pick = continuations if callable(continuations) else (lambda _item: continuations)
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai-score") as pool:
-            futures = {pool.submit(self.continuation_logprobs, item, list(pick(item))): item for item in items}
+            futures = {pool.submit(self.continuation_logprobs, item, list(pick(item)), complete): item for item in items}
             try:
                 for future in as_completed(futures):
                     yield futures[future], future.result()

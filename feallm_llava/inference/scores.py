@@ -14,7 +14,9 @@ instruction set's fixed wording (`data.annotate_template`, `wording="fixed"`: th
 the demo trains on). Its per-AU probability is the model's conditional probability of AU
 k given its own reading of the other 11: with S the set parsed from the generated answer,
 the two answers that differ only in k (S with k, S without k) are rendered in the
-trained form and scored, and
+trained form and scored as whole answers (with the end of turn: without it, the answer
+that stops before AU k would be a prefix of the one naming it and always score higher),
+and
 
     P(AU k) = P(answer(S + k)) / (P(answer(S + k)) + P(answer(S - k)))
 
@@ -35,7 +37,7 @@ from feallm_llava.inference import Query
 
 class ScoringBackend(Protocol):
     def score(self, items: Iterable[Query], continuations: Sequence[str] | Callable[[Query], Sequence[str]],
-              batch_size: int = 8) -> Iterator[tuple[Query, list[float]]]: ...
+              batch_size: int = 8, complete: bool = False) -> Iterator[tuple[Query, list[float]]]: ...
 
 
 def softmax(logprobs: Sequence[float]) -> list[float]:
@@ -106,6 +108,7 @@ class Scorer:
     def aus(self, items: Sequence[Query], read: dict[str, Iterable[int]]) -> dict[str, dict[str, float]]:
         """item id -> {"AU01": P, ...}; `read[item.id]` is the AU set parsed from its answer."""
         sets = {item.id: sorted(set(read[item.id]) & set(AUS)) for item in items}
+        # whole answers, with their end of turn: answer(S - k) is often a prefix of answer(S + k)
         pairs = self.backend.score(items, lambda item: au_candidates(sets[item.id], self.form),
-                                   batch_size=self.batch_size)
+                                   batch_size=self.batch_size, complete=True)
         return {item.id: au_probabilities(sets[item.id], lp) for item, lp in pairs}
