@@ -90,6 +90,17 @@ def run(script: str, env: dict) -> subprocess.CompletedProcess:
     return proc
 
 
+def agreement(what: str, got: Path, want: Path, *files: str) -> None:
+    """Assert and print (`pytest -rP` shows it) how far two runs' losses and weights are apart."""
+    a, b = losses(got), losses(want)
+    assert len(a) == len(b) == STEPS
+    worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    assert a == pytest.approx(b, rel=LOSS_RTOL)
+    rel = [assert_same_weights(weights(got / f), weights(want / f), WEIGHT_RTOL) for f in files]
+    print(f"{what}: losses {a} vs {b}, largest relative difference {worst:.2g}; weights "
+          + ", ".join(f"{f} {r:.2g}" for f, r in zip(files, rel)))
+
+
 def losses(out: Path) -> list[float]:
     state = json.loads((out / "trainer_state.json").read_text())
     return [h["loss"] for h in state["log_history"] if "loss" in h]
@@ -168,48 +179,21 @@ def zero3_env(kit, data, stage1: Path, out: Path) -> dict:
 # -- tests ------------------------------------------------------------------------------
 
 def test_stage1_zero2_on_two_cpu_ranks_equals_one_process(stage1_zero2, stage1_one):
-    assert losses(stage1_zero2) == pytest.approx(losses(stage1_one), rel=LOSS_RTOL)
-    assert len(losses(stage1_zero2)) == STEPS
-    assert_same_weights(weights(stage1_zero2 / "mm_projector.bin"), weights(stage1_one / "mm_projector.bin"),
-                        WEIGHT_RTOL)
+    agreement("stage 1, ZeRO-2 2x2 vs 1x4", stage1_zero2, stage1_one, "mm_projector.bin")
 
 
 def test_ddp_over_two_nodes_equals_one_process(stage1_two_nodes, stage1_one):
-    assert losses(stage1_two_nodes) == pytest.approx(losses(stage1_one), rel=LOSS_RTOL)
-    assert_same_weights(weights(stage1_two_nodes / "mm_projector.bin"), weights(stage1_one / "mm_projector.bin"),
-                        WEIGHT_RTOL)
+    agreement("stage 1, DDP 2 nodes x 1 rank x 2 vs 1x4", stage1_two_nodes, stage1_one, "mm_projector.bin")
 
 
 def test_stage2_zero3_lora_on_two_cpu_ranks_equals_one_process(stage2_zero3, stage2_one):
     # a text-only conversation among the 16: ranks did not hang, and every saved weight is whole
-    assert len(losses(stage2_zero3)) == STEPS
-    assert losses(stage2_zero3) == pytest.approx(losses(stage2_one), rel=LOSS_RTOL)
-    assert_same_weights(weights(stage2_zero3 / "non_lora_trainables.bin"),
-                        weights(stage2_one / "non_lora_trainables.bin"), WEIGHT_RTOL)
-    assert_same_weights(weights(stage2_zero3 / "adapter_model.safetensors"),
-                        weights(stage2_one / "adapter_model.safetensors"), WEIGHT_RTOL)
+    agreement("stage 2, ZeRO-3 2x2 vs 1x4", stage2_zero3, stage2_one, "non_lora_trainables.bin",
+              "adapter_model.safetensors")
 
 
-def test_zero3_stage2_loads_with_upstreams_loader_and_answers(stage2_zero3, kit):
-    from PIL import Image
-
-    from llava.conversation import conv_templates
-    from llava.mm_utils import process_images, tokenizer_image_token
-    from llava.model.builder import load_pretrained_model
-
-    tokenizer, model, processor, _ = load_pretrained_model(str(stage2_zero3), str(kit.llm), stage2_zero3.name,
-                                                           device="cpu", device_map="cpu")
-    saved = weights(stage2_zero3 / "non_lora_trainables.bin")
-    state = model.state_dict()
-    for key, value in saved.items():
-        assert torch.equal(state[key.replace("base_model.model.", "", 1)].float(), value.to(torch.float16).float())
-    conv = conv_templates["v1"].copy()
-    conv.append_message(conv.roles[0], "<image>\nPlease describe the expression in this face.")
-    conv.append_message(conv.roles[1], None)
-    ids = tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt").unsqueeze(0)
-    images = process_images([Image.new("RGB", (60, 40), (200, 30, 30))], processor, model.config)
-    out = model.generate(ids, images=images.to(model.dtype), do_sample=False, max_new_tokens=4, min_new_tokens=4)
-    assert out.shape[-1] >= 4 and tokenizer.decode(out[0]).strip()
+def test_zero3_stage2_loads_with_upstreams_loader_and_answers(stage2_zero3, kit, load_lora_and_answer):
+    load_lora_and_answer(stage2_zero3, kit.llm)
 
 
 def test_killed_zero3_run_resumes_to_the_weights_of_an_unkilled_one(kit, data, stage1_one, stage2_zero3, tmp_path):
@@ -233,26 +217,31 @@ def test_killed_zero3_run_resumes_to_the_weights_of_an_unkilled_one(kit, data, s
     # it went on from checkpoint-2: two steps were left to train (a fresh start logs four)
     assert (resumed.stdout + resumed.stderr).count("{'loss': ") == STEPS - 2
     # DeepSpeed restored the partitioned optimizer, the scheduler and each rank's RNG: the
-    # last two steps are the unkilled run's
-    assert losses(out)[-2:] == pytest.approx(losses(stage2_zero3)[-2:], rel=LOSS_RTOL)
-    for name in ("non_lora_trainables.bin", "adapter_model.safetensors"):
-        assert_same_weights(weights(out / name), weights(stage2_zero3 / name), WEIGHT_RTOL)
+    # steps are the unkilled run's
+    agreement("resumed ZeRO-3 vs unkilled", out, stage2_zero3, "non_lora_trainables.bin", "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("shim, ranks, zero, failure", [
-    ("deepspeed_cpu_start", "2", "3", "train_batch_size is not equal to micro_batch_per_gpu"),
-    ("empty_param_groups", "1", "2", "zip() argument 2 is longer than argument 1"),
-    ("zero3_half_precision", "1", "3", "expected m1 and m2 to have the same dtype"),
-])
-def test_without_the_shim_deepspeed_training_fails_as_known(kit, data, stage1_one, tmp_path, shim, ranks, zero,
-                                                          failure):
-    # the recipe's stage 2 (LoRA, --mm_projector_lr, bf16) with one compat shim left off
-    out = tmp_path / "llava-off-lora"
-    env = launch_env(kit, data, out, **stage2_env(data, stage1_one), NUM_GPUS=ranks, ZERO=zero,
-                     FEALLM_COMPAT_SKIP=shim, EXTRA_ARGS="--max_steps 1 --save_steps 10 --gradient_checkpointing False")
-    proc = subprocess.run(["bash", str(LAUNCH / "finetune_lora.sh")], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode != 0 and failure in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-4000:]
+# compat shim left off -> (CPU ranks, ZeRO stage, what upstream fails with)
+WITHOUT_SHIM = {
+    "deepspeed_cpu_start": ("2", "3", "train_batch_size is not equal to micro_batch_per_gpu"),
+    "empty_param_groups": ("1", "2", "zip() argument 2 is longer than argument 1"),
+    "zero3_half_precision": ("1", "3", "expected m1 and m2 to have the same dtype"),
+}
+
+
+def test_without_the_shim_deepspeed_training_fails_as_known(kit, data, stage1_one, tmp_path):
+    # the recipe's stage 2 (LoRA, --mm_projector_lr, bf16) with one compat shim left off, the
+    # three runs side by side (each fails within its first step)
+    procs = {}
+    for shim, (ranks, zero, _) in WITHOUT_SHIM.items():
+        env = launch_env(kit, data, tmp_path / f"llava-without-{shim}-lora", **stage2_env(data, stage1_one),
+                         NUM_GPUS=ranks, ZERO=zero, FEALLM_COMPAT_SKIP=shim,
+                         EXTRA_ARGS="--max_steps 1 --gradient_checkpointing False")
+        procs[shim] = subprocess.Popen(["bash", str(LAUNCH / "finetune_lora.sh")], env=env, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for shim, proc in procs.items():
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode != 0 and WITHOUT_SHIM[shim][2] in out, f"without {shim}:\n{out[-4000:]}"
 
 
 def test_stage1_projector_loads_into_a_zero3_partitioned_projector(kit, data, stage1_one, tmp_path):

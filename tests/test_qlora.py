@@ -177,23 +177,6 @@ def check_saved_projector(run: Path, stage1: TinyRecipe, report: dict):
     assert twin.is_file()
 
 
-def load_and_generate(run: Path, base: Path, **flags):
-    from llava.model.builder import load_pretrained_model
-
-    from tests.test_train import _generate
-
-    tokenizer, model, processor, _ = load_pretrained_model(str(run), str(base), run.name, device="cpu",
-                                                           device_map="cpu", **flags)
-    saved = torch.load(run / "non_lora_trainables.bin", weights_only=True)
-    state = model.state_dict()
-    for key, value in saved.items():
-        mine = key.replace("base_model.model.", "", 1)
-        assert torch.equal(state[mine], value.to(state[mine].dtype)), key
-    text = _generate(tokenizer, model, processor)
-    assert isinstance(text, str) and text
-    return model
-
-
 def test_qlora_4bit_quantizes_the_llm_and_keeps_projector_tower_and_lm_head(qlora4):
     _, report = qlora4
     check_quantized_llm_only(report["linear"], "Linear4bit")
@@ -209,24 +192,24 @@ def test_qlora_4bit_trains_lora_and_the_float32_projector_at_its_own_rate(qlora4
     assert len([h for h in state["log_history"] if "loss" in h]) == STEPS
 
 
-def test_qlora_4bit_checkpoint_loads_with_upstream_loader_and_generates(qlora4, kit):
+def test_qlora_4bit_checkpoint_loads_with_upstream_loader_and_generates(qlora4, kit, load_lora_and_answer):
     run, _ = qlora4
     config = json.loads((run / "config.json").read_text())
     assert "quantization_config" not in config  # the base it names is not quantized
-    model = load_and_generate(run, kit.llm)
+    model = load_lora_and_answer(run, kit.llm)
     assert {type(m).__name__ for m in model.modules()} >= {"FeallmProjector"}
-    quantized = load_and_generate(run, kit.llm, load_4bit=True)  # as it was trained
+    quantized = load_lora_and_answer(run, kit.llm, load_4bit=True)  # as it was trained
     kinds = {type(m).__name__ for n, m in quantized.named_modules() if n.startswith("model.layers.")}
     assert "Linear4bit" in kinds
 
 
-def test_qlora_8bit_trains_and_loads(qlora8, stage1, kit):
+def test_qlora_8bit_trains_and_loads(qlora8, stage1, kit, load_lora_and_answer):
     run, report = qlora8
     check_quantized_llm_only(report["linear"], "Linear8bitLt")
     check_learning_rates(report["lr"])
     check_saved_projector(run, stage1, report)
     assert "quantization_config" not in json.loads((run / "config.json").read_text())
-    load_and_generate(run, kit.llm, load_8bit=True)
+    load_lora_and_answer(run, kit.llm, load_8bit=True)
 
 
 def test_runs_without_bits_are_upstream_untouched(monkeypatch):

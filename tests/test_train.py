@@ -84,42 +84,20 @@ def _load(path, base, name):
     return load_pretrained_model(str(path), base and str(base), name, device="cpu", device_map="cpu")
 
 
-def _generate(tokenizer, model, processor):
-    from PIL import Image
-
-    from llava.conversation import conv_templates
-    from llava.mm_utils import process_images, tokenizer_image_token
-
-    conv = conv_templates["v1"].copy()
-    conv.append_message(conv.roles[0], "<image>\nPlease describe the expression in this face.")
-    conv.append_message(conv.roles[1], None)
-    ids = tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt").unsqueeze(0)
-    images = process_images([Image.new("RGB", (60, 40), (200, 30, 30))], processor, model.config)
-    out = model.generate(ids, images=images.to(model.dtype), do_sample=False, max_new_tokens=5, min_new_tokens=5)
-    return tokenizer.decode(out[0])
+def test_lora_checkpoint_loads_with_projector_restored(tiny_run, kit, load_lora_and_answer):
+    load_lora_and_answer(tiny_run / "llava-tiny-feallm-lora", kit.llm)
 
 
-def test_lora_checkpoint_loads_with_projector_restored(tiny_run, kit):
-    run = tiny_run / "llava-tiny-feallm-lora"
-    tokenizer, model, processor, _ = _load(run, kit.llm, "llava-tiny-feallm-lora")
-    saved = torch.load(run / "non_lora_trainables.bin", weights_only=True)
-    state = model.state_dict()
-    for key, value in saved.items():
-        mine = key.replace("base_model.model.", "", 1)
-        assert torch.equal(state[mine].float(), value.float().to(state[mine].dtype).float()), key
-    assert isinstance(_generate(tokenizer, model, processor), str)
-
-
-def test_projector_only_checkpoint_loads(tiny_run, kit):
+def test_projector_only_checkpoint_loads(tiny_run, kit, describe_face):
     run = tiny_run / "llava-tiny-feallm-pretrain"
     tokenizer, model, processor, _ = _load(run, kit.llm, "llava-tiny-feallm-pretrain")
     saved = torch.load(run / "mm_projector.bin", weights_only=True)
     state = model.state_dict()
     assert all(torch.equal(state[k], v.to(torch.float16)) for k, v in saved.items())
-    assert isinstance(_generate(tokenizer, model, processor), str)
+    assert isinstance(describe_face(tokenizer, model, processor), str)
 
 
-def test_full_checkpoint_loads(tmp_path, kit):
+def test_full_checkpoint_loads(tmp_path, kit, describe_face):
     from feallm_llava.tinykit import build_llava, build_llava_model
 
     path = build_llava(tmp_path / "llava-tiny-full", kit)
@@ -129,7 +107,7 @@ def test_full_checkpoint_loads(tmp_path, kit):
     for key, value in reference.state_dict().items():
         if "mm_projector." in key:
             assert torch.equal(state[key], value.to(state[key].dtype)), key
-    assert isinstance(_generate(tokenizer, model, processor), str)
+    assert isinstance(describe_face(tokenizer, model, processor), str)
 
 
 def test_resume_after_sigkill_finishes_with_same_projector_keys(kit, tmp_path, tiny_run):
@@ -162,7 +140,7 @@ def test_resume_after_sigkill_finishes_with_same_projector_keys(kit, tmp_path, t
     assert set(final) == set(first)
 
 
-def test_training_from_a_llava_checkpoint_starts_feallm_from_its_mlp(kit, tmp_path):
+def test_training_from_a_llava_checkpoint_starts_feallm_from_its_mlp(kit, tmp_path, describe_face):
     """The paper builds on LLaVA-1.5: stage 1 from a LLaVA checkpoint trains a FEALLM
     projector whose MLP starts as the checkpoint's mlp2x_gelu (lr 0 keeps it there), and
     the LoRA checkpoint of stage 2 loads with that LLaVA checkpoint as its base."""
@@ -183,7 +161,7 @@ def test_training_from_a_llava_checkpoint_starts_feallm_from_its_mlp(kit, tmp_pa
         assert torch.equal(stage1[f"model.mm_projector.mpp.mlp.{part}"], old[f"model.mm_projector.{part}"]), part
     tokenizer, model, processor, _ = _load(recipe.stage_dir(2), base, recipe.stage_dir(2).name)
     assert isinstance(model.get_model().mm_projector, FeallmProjector)
-    assert isinstance(_generate(tokenizer, model, processor), str)
+    assert isinstance(describe_face(tokenizer, model, processor), str)
 
 
 def test_resume_skips_a_checkpoint_torn_by_a_kill(tmp_path):
