@@ -13,8 +13,12 @@ from pathlib import Path
 from PIL import Image
 
 from feallm_llava.data.video import VIDEO_SUFFIXES, Sampling, VideoError, VideoInfo, is_video
-from feallm_llava.serve.rows import (BOX_COLUMNS, DEFAULT_QUESTIONS, LANDMARK_COLUMNS, SMOOTHED_COLUMNS, TASKS,
-                                     empty_row, fill_answers, own_readings)
+from feallm_llava.serve.rows import (AU_COLUMNS, BOX_COLUMNS, DEFAULT_QUESTIONS, LANDMARK_COLUMNS, P_AU_COLUMNS,
+                                     P_COLUMNS, P_EXPRESSION_COLUMNS, SMOOTHED_COLUMNS, TASKS, empty_row,
+                                     fill_answers, fill_probabilities, own_readings)
+
+# what `--smooth` averages when a row has probabilities: a label column -> its probability columns
+SMOOTHED_PROBABILITIES = {"expression": P_EXPRESSION_COLUMNS, **{c: (p,) for c, p in zip(AU_COLUMNS, P_AU_COLUMNS)}}
 
 REASONING = ("every", "keyframes", "none")
 DEFAULT_REASONING = "keyframes"
@@ -134,7 +138,8 @@ class _Stream:
         self.tracker = IouTracker(analyzer.track_iou, memory=5)
         self.last_expression: dict[int, str] = {}
         self.smoother: Smoother[FrameResult] = Smoother(
-            analyzer.smooth, readings=lambda u: u.readings, apply=_apply_smoothed, resumed=lambda u: u.resumed)
+            analyzer.smooth, readings=lambda u: u.readings, apply=_apply_smoothed, resumed=lambda u: u.resumed,
+            probabilities=SMOOTHED_PROBABILITIES)
         self.info: VideoInfo | None = None
         self.notes: list[str] = []
         self.sampled = 0          # frames yielded (resumed ones included)
@@ -174,7 +179,8 @@ class Analyzer:
                  questions: dict[str, str] | None = None, detect_kwargs: dict | None = None,
                  reasoning: str = DEFAULT_REASONING, smooth: int = 0, sampling: Sampling | None = None,
                  track_memory: float = DEFAULT_TRACK_MEMORY, track_iou: float = DEFAULT_TRACK_IOU,
-                 detector=None, detector_model: str | os.PathLike | None = None, align: str | None = None):
+                 detector=None, detector_model: str | os.PathLike | None = None, align: str | None = None,
+                 scores: bool | None = None):
         from feallm_llava.serve.align import DEFAULT_ALIGN, template
         from feallm_llava.serve.detectors import DEFAULT_DETECTOR, make_detector
         from feallm_llava.serve.temporal import Smoother
@@ -215,6 +221,9 @@ class Analyzer:
         self.sampling = sampling or Sampling()
         self.track_memory = track_memory
         self.track_iou = track_iou
+        # probabilities (p_* / AUxx_p columns): by default where the backend computes them itself
+        # (the LLaVA runner); a server may refuse them, so asking one is explicit
+        self.scores = hasattr(backend, "continuation_scores") if scores is None else scores
 
     def settings(self) -> dict:
         """What shapes the rows, for OUT.meta.json and the DataFrame's attrs."""
@@ -227,9 +236,11 @@ class Analyzer:
             "tracking": {"method": "IoU", "min_iou": self.track_iou, "memory_s": self.track_memory},
             "smooth": None if self.smooth <= 1 else {
                 "window": self.smooth, "columns": list(SMOOTHED_COLUMNS),
-                "method": "per face, centred window of sampled frames: the most frequent expression, "
-                          "the majority of each AU (ties: the frame nearest the centre); raw_answer_* "
-                          "are the frame's own"},
+                "method": "per face, centred window of sampled frames: with probabilities, the argmax of the "
+                          "mean expression probabilities and each AU's mean >= 0.5; without, the most frequent "
+                          "expression and the majority of each AU (ties: the frame nearest the centre); "
+                          "raw_answer_* and the probability columns are the frame's own"},
+            "scores": self.scores,
         }
 
     # -- one frame -> its face rows (answers pending) --------------------------------
@@ -397,6 +408,29 @@ class Analyzer:
             out.extend(self._generate([item]))
         return out
 
+    def _score(self, faces: list[_Face]) -> None:
+        """The probabilities of the faces' FER and AU answers (`inference.scores`), batched;
+        a failure leaves them empty and is named in the row's error."""
+        from feallm_llava.facs.labels import AUS
+        from feallm_llava.facs.parse import parse
+        from feallm_llava.inference.scores import Scorer
+
+        scorer = Scorer(self.backend, batch_size=self.batch_size)
+        fer = [f for f in faces if "fer" in f.answers]
+        aud = [f for f in faces if "aud" in f.answers]
+        try:
+            p_fer = scorer.expressions([_Query(_query_id(f.row, "fer"), f.crop, self.questions["fer"]) for f in fer])
+            p_aud = scorer.aus([_Query(_query_id(f.row, "aud"), f.crop, self.questions["aud"]) for f in aud],
+                               {_query_id(f.row, "aud"): parse(f.answers["aud"], AUS).aus for f in aud})
+        except (RuntimeError, ValueError, IndexError, TypeError) as err:
+            for f in faces:
+                f.row["error"] = f.row["error"] or f"probabilities failed: {type(err).__name__}: {err}"
+            return
+        for f in fer:
+            fill_probabilities(f.row, p_expression=p_fer[_query_id(f.row, "fer")])
+        for f in aud:
+            fill_probabilities(f.row, p_aus=p_aud[_query_id(f.row, "aud")])
+
     def _keyframes(self, pending: list[FrameResult]) -> list[_Face]:
         """In frame order: the faces whose expression changed since the last one read for
         their track (their reasoning is asked next); updates each input's state."""
@@ -456,6 +490,8 @@ class Analyzer:
         self._answer(fresh)
         for face in fresh:
             fill_answers(face.row, face.answers)
+        if self.scores:
+            self._score(fresh)
         if self.reasoning == "keyframes":
             changed = self._keyframes(pending)
             self._answer(changed, ("reasoning",))
@@ -463,7 +499,8 @@ class Analyzer:
                 fill_answers(face.row, face.answers)
         for unit in pending:
             if not unit.resumed:
-                unit.readings = {f.row["face_id"]: {c: f.row[c] for c in SMOOTHED_COLUMNS} for f in unit.faces}
+                unit.readings = {f.row["face_id"]: {c: f.row[c] for c in (*SMOOTHED_COLUMNS, *P_COLUMNS)}
+                                 for f in unit.faces}
             unit.faces = []   # crops are no longer needed
             ready = unit.stream.smoother.push(unit)
             if unit.last:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from feallm_llava.facs.labels import AUS, au_key
+from feallm_llava.facs.labels import AUS, EXPRESSIONS, au_key
 from feallm_llava.serve.results_file import ResultsFile
 
 AU_COLUMNS: tuple[str, ...] = tuple(au_key(au) for au in AUS)  # AU01 ... AU26 (labels.AUS order)
@@ -16,13 +16,18 @@ BOX_COLUMNS = ("face_x", "face_y", "face_w", "face_h")
 # image's left, 1 the other eye, 2 the nose tip, 3 the mouth corner on the image's left,
 # 4 the other one (`serve.yunet.LANDMARK_NAMES`); empty for a detector without landmarks.
 LANDMARK_COLUMNS = (*(f"x_{k}" for k in range(5)), *(f"y_{k}" for k in range(5)))
+# Probabilities (`inference.scores`), when the backend gives them (the LLaVA runner): each
+# frame's own, never smoothed; empty otherwise.
+P_EXPRESSION_COLUMNS = tuple(f"p_{e}" for e in EXPRESSIONS)   # p_Neutral ... p_Surprise
+P_AU_COLUMNS = tuple(f"{c}_p" for c in AU_COLUMNS)            # AU01_p ... AU26_p
+P_COLUMNS = (*P_EXPRESSION_COLUMNS, *P_AU_COLUMNS)
 COLUMNS: tuple[str, ...] = (
     "input", "frame", "time_s", "face_id", *BOX_COLUMNS, "face_score", *LANDMARK_COLUMNS,
-    "expression", *AU_COLUMNS, "reasoning",
+    "expression", *AU_COLUMNS, *P_COLUMNS, "reasoning",
     "raw_answer_fer", "raw_answer_aud", "raw_answer_reasoning", "error",
 )
 INT_COLUMNS = ("frame", "face_id", *BOX_COLUMNS, *AU_COLUMNS)
-FLOAT_COLUMNS = ("time_s", "face_score", *LANDMARK_COLUMNS)
+FLOAT_COLUMNS = ("time_s", "face_score", *LANDMARK_COLUMNS, *P_COLUMNS)
 SMOOTHED_COLUMNS = ("expression", *AU_COLUMNS)
 
 # Paper section 3.2 gives the first two verbatim as its examples of the emotion-summary and
@@ -59,6 +64,15 @@ def fill_answers(row: dict, answers: dict[str, str]) -> None:
         row["reasoning"] = answers["reasoning"].strip()
 
 
+def fill_probabilities(row: dict, p_expression: dict[str, float] | None = None,
+                       p_aus: dict[str, float] | None = None) -> None:
+    """A face's expression probabilities ({expression: p}) and AU probabilities ({"AU01": p})."""
+    for name, p in (p_expression or {}).items():
+        row[f"p_{name}"] = p
+    for key, p in (p_aus or {}).items():
+        row[f"{key}_p"] = p
+
+
 def _int(value) -> int | None:
     try:
         return None if value is None or value == "" else int(float(value))
@@ -89,7 +103,8 @@ def own_readings(row: dict) -> dict:
     answers = {t: row[f"raw_answer_{t}"] for t in ("fer", "aud") if row.get(f"raw_answer_{t}") is not None}
     fresh = dict.fromkeys(SMOOTHED_COLUMNS)
     fill_answers(fresh, answers)
-    return {c: fresh[c] for c in SMOOTHED_COLUMNS}
+    # the probability columns are never smoothed: the row's are its own
+    return {**{c: fresh[c] for c in SMOOTHED_COLUMNS}, **{c: row.get(c) for c in P_COLUMNS}}
 
 
 def to_frame(rows: list[dict]):

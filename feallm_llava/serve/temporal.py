@@ -9,6 +9,11 @@ smoothed: a frame whose answer named no expression, or no AU at all, or failed, 
 empty cell. Frames where the face was not found are not in its window; a window is cut
 at the ends of the video.
 
+With probabilities (`probabilities`: a label column -> its probability columns), the
+vote is on them: the window's mean probabilities, their argmax for the expression (of
+`p_<Expression>` columns) and mean >= 0.5 for an AU (its `AUxx_p`), over the frames of the
+window that have them; the probability columns themselves stay each frame's own.
+
 A frame is released once the K // 2 frames after it are answered (or the video ended):
 rows still reach the output as frames finish, K // 2 frames late. The per-frame values
 every vote reads are kept beside the rows (`raw`), never overwritten, and can be read
@@ -56,11 +61,14 @@ class Smoother(Generic[Unit]):
     marks a frame already written (it is read by the votes, never changed)."""
 
     def __init__(self, window: int, readings: Callable[[Unit], Readings],
-                 apply: Callable[[Unit, Readings], None], resumed: Callable[[Unit], bool]):
+                 apply: Callable[[Unit, Readings], None], resumed: Callable[[Unit], bool],
+                 probabilities: dict[str, tuple[str, ...]] | None = None):
         if window < 0 or (window > 1 and window % 2 == 0):
             raise ValueError(f"--smooth wants an odd window of frames (3, 5, ...) or 0 for none, got {window}")
         self.half = window // 2
         self.readings, self.apply, self.resumed = readings, apply, resumed
+        self.probabilities = probabilities or {}
+        self._p_columns = {c for cols in self.probabilities.values() for c in cols}
         self.units: list[Unit] = []
         self.cached: list[Readings] = []
         self.next = 0   # position in `units` of the next frame to release
@@ -92,8 +100,24 @@ class Smoother(Generic[Unit]):
         out: Readings = {}
         for face_id, own in self.cached[i].items():
             out[face_id] = {}
+            window = [self.cached[j].get(face_id, {}) for j in order]
             for column, value in own.items():
-                if value is None or value == "":
+                if value is None or value == "" or column in self._p_columns:
                     continue
-                out[face_id][column] = vote([self.cached[j].get(face_id, {}).get(column) for j in order])
+                by_mean = self._mean_vote(column, window)
+                out[face_id][column] = by_mean if by_mean is not None else vote([r.get(column) for r in window])
         return out
+
+    def _mean_vote(self, column: str, window: list[dict]) -> object:
+        """The label the window's mean probabilities give `column`; None without them."""
+        columns = self.probabilities.get(column)
+        if not columns:
+            return None
+        rows = [[r.get(c) for c in columns] for r in window]
+        rows = [v for v in rows if all(x is not None and x == x for x in v)]  # (NaN: an empty CSV cell)
+        if not rows:
+            return None
+        mean = [sum(v[k] for v in rows) / len(rows) for k in range(len(columns))]
+        if len(columns) == 1:
+            return int(mean[0] >= 0.5)
+        return columns[max(range(len(columns)), key=mean.__getitem__)].removeprefix("p_")

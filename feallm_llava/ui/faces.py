@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from feallm_llava.facs.labels import AU_NAMES, AUS, au_key
+from feallm_llava.facs.labels import AU_NAMES, AUS, EXPRESSIONS, au_key
 from feallm_llava.serve.analyzer import Analyzer, Source
 from feallm_llava.serve.rows import write_results
 
@@ -102,6 +102,20 @@ def active_aus(row: dict) -> list[str]:
     return [f"{au_key(au)} {AU_NAMES[au]}" for au in AUS if _state(row.get(au_key(au))) == 1]
 
 
+def bar(p: float, width: int = 20) -> str:
+    """A probability as a text bar: filled blocks of `width`, then the value."""
+    filled = round(max(0.0, min(1.0, p)) * width)
+    return f"`{'█' * filled}{'░' * (width - filled)}` {p:.2f}"
+
+
+def probability_bars(row: dict) -> str:
+    """Markdown bars of a face's expression and AU probabilities (empty without them)."""
+    lines = [f"{e}: {bar(row[f'p_{e}'])}" for e in EXPRESSIONS if row.get(f"p_{e}") is not None]
+    lines += [f"{au_key(au)} {AU_NAMES[au]}: {bar(row[f'{au_key(au)}_p'])}" for au in AUS
+              if row.get(f"{au_key(au)}_p") is not None]
+    return "  \n".join(lines)
+
+
 def summary(rows: list[dict]) -> str:
     """Markdown: why nothing came out (bad file, no face), or per face its box, expression,
     active AUs and reasoning."""
@@ -123,6 +137,8 @@ def summary(rows: list[dict]) -> str:
             au_text = "not read (the answer names no action unit)"
         else:
             au_text = ", ".join(aus) if aus else "none"
+        bars = probability_bars(r)
         parts.append(f"{head}\n\n**Expression:** {r.get('expression') or 'not read (the answer names none)'}\n\n"
-                     f"**Active AUs:** {au_text}\n\n**Reasoning:** {r.get('reasoning') or '(none)'}")
+                     f"**Active AUs:** {au_text}\n\n**Reasoning:** {r.get('reasoning') or '(none)'}"
+                     + (f"\n\n**Probabilities:**  \n{bars}" if bars else ""))
     return "\n\n".join(parts)
