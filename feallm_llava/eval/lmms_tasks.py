@@ -195,6 +195,17 @@ def _metric_yaml(task: str, aus: tuple[int, ...]) -> str:
     return "\n".join(lines)
 
 
+def _dataset_yaml(name: str, items_file: Path) -> str:
+    """The task's name and its items, a local JSONL file, as lmms-eval's `json` dataset."""
+    return f"""\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(items_file))}
+test_split: test"""
+
+
 def task_yaml(name: str, bench_title: str, task: str, items_file: Path, aus: tuple[int, ...],
               max_new_tokens: int, provenance: dict) -> str:
     what = "facial expression recognition" if task == "fer" else "action unit detection"
@@ -202,12 +213,7 @@ def task_yaml(name: str, bench_title: str, task: str, items_file: Path, aus: tup
 # Written by `feallm lmms-tasks` (feallm-llava {__version__}): {bench_title}, {what}.
 # Items and questions as `feallm eval` asks them; scored as `feallm score` scores
 # (feallm_llava.eval.lmms_tasks). Regenerate rather than edit.
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {json.dumps(str(items_file))}
-test_split: test
+{_dataset_yaml(name, items_file)}
 output_type: generate_until
 doc_to_visual: !function utils.doc_to_visual
 doc_to_text: !function utils.doc_to_text
@@ -233,12 +239,7 @@ def mc_task_yaml(name: str, bench_title: str, items_file: Path, provenance: dict
 # Written by `feallm lmms-tasks` (feallm-llava {__version__}): {bench_title}, facial expression
 # recognition as multiple choice over the 7 labels (summed log-likelihood of each label).
 # Regenerate rather than edit.
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {json.dumps(str(items_file))}
-test_split: test
+{_dataset_yaml(name, items_file)}
 output_type: multiple_choice
 doc_to_visual: !function utils.doc_to_visual
 doc_to_text: !function utils.doc_to_text

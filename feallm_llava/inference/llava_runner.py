@@ -124,10 +124,9 @@ class LlavaBackend:
             return conv.sep2
         return conv.sep
 
-    # -- generation -----------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(self, items: list[Query]) -> list[str]:
-        """Greedy answers of one batch, in item order."""
+    def _batch(self, items: list[Query]):
+        """(images, pixels on the model's device and dtype, left-padded prompt ids (B, L), their
+        attention mask (B, L)) of one batch."""
         from llava.mm_utils import process_images
 
         images = [item.load_image() for item in items]
@@ -136,15 +135,21 @@ class LlavaBackend:
             pixels = [p.to(self.model.device, dtype=self.dtype) for p in pixels]
         else:
             pixels = pixels.to(self.model.device, dtype=self.dtype)
-
         ids = [self.prompt_ids(item) for item in items]
         width = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)  # (B, L) left-padded
-        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
         for row, x in enumerate(ids):
             input_ids[row, width - len(x):] = x
-            attention_mask[row, width - len(x):] = 1
+            mask[row, width - len(x):] = 1
+        return images, pixels, input_ids, mask
 
+    # -- generation -----------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, items: list[Query]) -> list[str]:
+        """Greedy answers of one batch, in item order."""
+        images, pixels, input_ids, attention_mask = self._batch(items)
+        width = input_ids.shape[1]
         output = self.model.generate(
             input_ids.to(self.model.device),
             attention_mask=attention_mask.to(self.model.device),
@@ -204,24 +209,11 @@ class LlavaBackend:
         (right-padded, at most `max_rows` rows a forward, which bounds the repeated
         cache's memory). Summed, not averaged: a mean per token favours long answers.
         """
-        from llava.mm_utils import process_images
         from transformers import DynamicCache
 
         if len(continuations) != len(items):
             raise ValueError(f"{len(items)} items but {len(continuations)} lists of continuations")
-        images = [item.load_image() for item in items]
-        pixels = process_images(images, self.image_processor, self.model.config)
-        if isinstance(pixels, list):
-            pixels = [p.to(self.model.device, dtype=self.dtype) for p in pixels]
-        else:
-            pixels = pixels.to(self.model.device, dtype=self.dtype)
-        ids = [self.prompt_ids(item) for item in items]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)  # (B, L) left-padded
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, x in enumerate(ids):
-            input_ids[row, width - len(x):] = x
-            mask[row, width - len(x):] = 1
+        images, pixels, input_ids, mask = self._batch(items)
         device = self.model.device
         _, _, mask, _, embeds, _ = self.model.prepare_inputs_labels_for_multimodal(
             input_ids.to(device), None, mask.to(device), None, None, pixels, image_sizes=[im.size for im in images])
