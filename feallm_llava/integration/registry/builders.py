@@ -72,7 +72,7 @@ def _outside_zero_init():
     the checkpoint's weights load into it on rank 0, and DeepSpeed partitions it when the
     engine starts, broadcasting rank 0's values first."""
     zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
-    if zero is None or zero.top_level_context is None:
+    if zero is None or getattr(zero, "top_level_context", None) is None:
         yield
         return
     zero.shutdown_init_context()
