@@ -26,6 +26,7 @@ from PIL import Image
 
 from feallm_llava.integration import access
 from feallm_llava.serve import stack as serve
+from tests.browser import until
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "test-secret-" + "x7Qm2" * 4
@@ -44,16 +45,6 @@ def upstream_routes(module_file: str) -> list[tuple[str, str]]:
     """(method, path) of every route upstream's module declares (read from its source)."""
     source = (_llava_serve_dir() / module_file).read_text()
     return re.findall(r'@app\.(get|post)\("([^"]+)"\)', source)
-
-
-def until(fn, timeout: float, what: str, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -218,7 +209,7 @@ def test_a_killed_worker_is_no_longer_routed_to_within_seconds_and_its_restart_a
     os.killpg(old.process.pid, signal.SIGKILL)
     old.process.wait(timeout=10)
     died = time.monotonic()
-    until(lambda: _routed(secured) != old.url, 5.0, "the controller stops routing to the dead worker")
+    until(lambda: _routed(secured) != old.url, 5.0, what="the controller stops routing to the dead worker")
     assert time.monotonic() - died < 5.0
 
     new = serve.start_worker(secured.controller.url, str(checkpoint), tmp_path, secured.env)
@@ -231,9 +222,9 @@ def test_a_killed_worker_is_no_longer_routed_to_within_seconds_and_its_restart_a
             assert new.running, new.log_tail()
             return False
 
-    until(answers, serve.WORKER_TIMEOUT, "the restarted worker answers")
+    until(answers, serve.WORKER_TIMEOUT, what="the restarted worker answers")
     first_answer = time.monotonic()
-    until(lambda: _routed(secured) == new.url, 5.0, "the controller routes to the restarted worker")
+    until(lambda: _routed(secured) == new.url, 5.0, what="the controller routes to the restarted worker")
     assert time.monotonic() - first_answer < 3.0  # a probe interval, not a heart-beat expiry
     assert _ask(new.url, secured)["error_code"] == 0
     secured.worker = new
@@ -252,7 +243,7 @@ def test_the_worker_answers_while_the_controller_is_down_and_registers_again(sec
     back = serve.start_controller(controller.log.parent, secured.env, port=port)
     secured.extra.append(back)
     until(lambda: _routed(secured, back.url) == secured.worker.url, 15.0,
-          "the worker registered again with the restarted controller")
+          what="the worker registered again with the restarted controller")
     secured.controller = back
 
 
@@ -334,7 +325,7 @@ def test_sigkill_of_the_supervisor_leaves_no_controller_worker_or_ui(checkpoint,
         supervisor.kill()  # SIGKILL: no handler, no cleanup of its own
         supervisor.wait(timeout=10)
         until(lambda: not any(_alive(pid) for pid in children), 5.0,
-              f"controller, worker{' and UI' if web else ''} gone after the supervisor's SIGKILL")
+              what=f"controller, worker{' and UI' if web else ''} gone after the supervisor's SIGKILL")
     finally:
         supervisor.kill()
         for pid in children if "children" in dir() else []:

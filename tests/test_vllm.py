@@ -15,10 +15,8 @@ import base64
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,40 +324,17 @@ def test_served_probabilities_equal_the_llava_runners(served, exported, trained,
 def test_tensor_parallel_2_on_a_cpu_answers_as_the_llava_runner(exported, trained, vkit, items, tmp_path):
     """`serve_vllm.sh --tensor-parallel-size 2` on this CPU machine: two vLLM workers (gloo),
     each on its own cores, the internal queue on loopback, the KV cache from free memory."""
-    import urllib.request
-
-    from feallm_llava.serve.stack import free_port
+    from feallm_llava.bench.vllm_serving import vllm_server
 
     few = items[:8]
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_HOST_IP",
-                                                             "FEALLM_VLLM_CPU_MEMORY")}
-    env.update(HF_HUB_OFFLINE="1", FEALLM_VLLM_VENV=str(VLLM_VENV), FEALLM_VLLM_KV_SHARE="0.02")
     log = tmp_path / "tp2.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(["bash", str(REPO / "launch" / "serve_vllm.sh"), "--model", str(exported),
-                                   "--port", str(port), "--tensor-parallel-size", "2", "--", "--dtype", "float32",
-                                   "--enforce-eager", "--max-model-len", "512"],
-                                  stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 600
-        while True:  # until the server answers (or exits: its log says why)
-            assert server.poll() is None, log.read_text(errors="replace")[-3000:]
-            try:
-                urllib.request.urlopen(base + "/models", timeout=2).read()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-                time.sleep(1)
+    # the launcher's own CPU choices, not the caller's
+    environ = {"VLLM_CPU_OMP_THREADS_BIND": None, "VLLM_HOST_IP": None, "FEALLM_VLLM_CPU_MEMORY": None,
+               "HF_HUB_OFFLINE": "1", "FEALLM_VLLM_KV_SHARE": "0.02"}
+    with vllm_server(exported, venv=VLLM_VENV, log=log, timeout=600, serve_args=("--tensor-parallel-size", "2"),
+                     vllm_args=("--dtype", "float32", "--enforce-eager", "--max-model-len", "512"),
+                     environ=environ) as base:
         served = _served_token_ids(base, str(exported), few)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
     text = log.read_text(errors="replace")
     assert "VLLM_CPU_OMP_THREADS_BIND=" in text and "world_size=2" in text.replace(" ", ""), text[-3000:]
     runner = _runner_token_ids(trained.stage_dir(2), vkit.llm, few)

@@ -70,15 +70,23 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def vllm_server(model: Path, *, venv: Path, log: Path, vllm_args: tuple[str, ...] = (), timeout: float = 900.0):
-    """`launch/serve_vllm.sh --model MODEL` on a free port of 127.0.0.1; yields the base URL.
-    The server and the engine processes it starts are stopped on exit."""
+def vllm_server(model: Path, *, venv: Path, log: Path, vllm_args: tuple[str, ...] = (), timeout: float = 900.0,
+                serve_args: tuple[str, ...] = (), environ: dict[str, str | None] | None = None):
+    """`launch/serve_vllm.sh --model MODEL [SERVE_ARGS] -- [VLLM_ARGS]` on a free port of
+    127.0.0.1; yields the base URL. `environ` sets (or, with None, removes) variables of the
+    server's environment. The server and the engine processes it starts are stopped on exit."""
     if not SERVE.is_file():
         raise UsageError(f"{SERVE}: not found; the vLLM benchmark runs from a checkout of feallm-llava")
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "FEALLM_VLLM_VENV": str(venv)}
+    for key, value in (environ or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     with open(log, "wb") as f:
-        proc = subprocess.Popen(["bash", str(SERVE), "--model", str(model), "--port", str(port), "--", *vllm_args],
+        proc = subprocess.Popen(["bash", str(SERVE), "--model", str(model), "--port", str(port), *serve_args,
+                                 "--", *vllm_args],
                                 stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}/v1"
     try:
