@@ -70,3 +70,12 @@ def describe_face():
 @pytest.fixture(scope="session")
 def load_lora_and_answer():
     return _load_lora_and_answer
+
+
+@pytest.fixture(scope="session")
+def v1_checkpoint(kit, tmp_path_factory):
+    """A full tiny FEALLM checkpoint for the serving tests, built once; "v1" in its name:
+    upstream's UI and worker pick the llava_v1 template from the name."""
+    from feallm_llava.tinykit import build_llava
+
+    return build_llava(tmp_path_factory.mktemp("ckpt") / "feallm-llava-v1-tiny", kit)

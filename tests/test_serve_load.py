@@ -37,11 +37,8 @@ ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1
 
 
 @pytest.fixture(scope="module")
-def checkpoint(kit, tmp_path_factory):
-    from feallm_llava.tinykit import build_llava
-
-    # "v1" in the name: upstream's worker picks the llava_v1 template from it
-    return build_llava(tmp_path_factory.mktemp("ckpt") / "feallm-llava-v1-tiny", kit)
+def checkpoint(v1_checkpoint):
+    return v1_checkpoint
 
 
 @pytest.fixture(scope="module")

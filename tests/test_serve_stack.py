@@ -39,11 +39,8 @@ def _service_env(tmp: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(kit, tmp_path_factory):
-    from feallm_llava.tinykit import build_llava
-
-    # "v1" in the name: upstream's UI and worker pick the llava_v1 template from the name
-    return build_llava(tmp_path_factory.mktemp("ckpt") / "feallm-llava-v1-tiny", kit)
+def checkpoint(v1_checkpoint):
+    return v1_checkpoint
 
 
 @pytest.fixture(scope="module")
